@@ -1,0 +1,64 @@
+"""Export a QPA adapter as a standard PEFT LoRA adapter: inference then needs no quantum software."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .layer import QPALayer
+
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def export_lora(peft_model, save_directory: str, adapter_name: str = "default") -> LoraConfig:
+    """Write the adapter's generated matrices as a plain LoRA adapter (``peft_type: LORA``).
+
+    Plain ``peft`` (without ``peft_qpa``) loads the result with ``PeftModel.from_pretrained`` and gives the
+    same logits. Modules in ``modules_to_save`` and trained biases are exported too. Returns the
+    ``LoraConfig`` written.
+    """
+    tuner = peft_model.base_model
+    config = peft_model.peft_config.get(adapter_name)
+    if config is None or not hasattr(tuner, "get_generator"):
+        raise ValueError(f"{adapter_name!r} is not a QPA adapter of this model; adapters: {list(peft_model.peft_config)}.")
+    generator = tuner.get_generator(adapter_name)
+    generator.refresh_snapshot()
+
+    state_dict = {}
+    target_modules = []
+    for name, module in tuner.model.named_modules():
+        if not isinstance(module, QPALayer) or adapter_name not in module.qpa_lora_A:
+            continue
+        target_modules.append(name)
+        key = f"base_model.model.{name}"
+        state_dict[f"{key}.lora_A.weight"] = module.qpa_lora_A[adapter_name].detach().clone().contiguous()
+        state_dict[f"{key}.lora_B.weight"] = module.qpa_lora_B[adapter_name].detach().clone().contiguous()
+    if not target_modules:
+        raise ValueError(f"Adapter {adapter_name!r} has no QPA layers to export.")
+    # modules_to_save and biases: method-agnostic entries of the adapter's own state dict
+    for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items():
+        if ".qpa_" not in key and f"{tuner.prefix}generator" not in key:
+            state_dict[key] = value.detach().clone().contiguous()
+
+    lora_config = LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        target_modules=target_modules,
+        lora_dropout=config.lora_dropout,
+        fan_in_fan_out=config.fan_in_fan_out,
+        bias="lora_only" if config.bias == "qpa_only" else config.bias,
+        modules_to_save=config.modules_to_save,
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
+        inference_mode=True,
+    )
+    os.makedirs(save_directory, exist_ok=True)
+    save_file({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()},
+              os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    lora_config.save_pretrained(save_directory)
+    return lora_config

@@ -1,0 +1,290 @@
+"""The shared parameter generator: circuit probabilities -> mapping MLP -> every adapted tensor.
+
+One ``QPAGenerator`` per adapter serves all adapted layers. It is given a list of named tensor shapes
+(:class:`TensorSpec`) and fills all of them from one flat vector of M numbers, so it is not tied to
+LoRA's A/B: any method that needs named tensors (DoRA magnitudes, prefixes, bottleneck adapters) can
+use it.
+
+Zero delta at step 0, with gradients everywhere from the first step: each tensor is
+
+    T(θ) = T_init + (f_T(θ) - f_T(θ_0))
+
+where ``f`` is the raw generator output, θ_0 the initial trainable parameters and ``T_init`` the
+method's usual initialization (LoRA: seeded Kaiming-uniform A, zero B). The constant
+``T_init - f(θ_0)`` is stored once as the ``offset`` buffer. At step 0 the adapter is therefore exactly
+LoRA at its initialization (B = 0, so the model equals the base model), while dL/dB is nonzero and
+flows through f into the MLP and the circuit angles. A head initialized at zero instead would leave the
+angles and hidden layers without gradient at the first step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .circuit import build_ansatz, circuit_parameters, n_qubits_for
+
+ACTIVATION_CLASSES = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor the generator fills, with the initialization it starts from.
+
+    ``init`` is ``"zeros"``, ``"kaiming_uniform"`` (LoRA's A: bound 1/sqrt(fan_in), fan_in = last dim),
+    or ``"ones"`` (e.g. a DoRA magnitude relative to the base norm).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    init: str = "zeros"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _init_tensor(spec: TensorSpec, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    if spec.init == "zeros":
+        return torch.zeros(spec.shape, dtype=dtype)
+    if spec.init == "ones":
+        return torch.ones(spec.shape, dtype=dtype)
+    if spec.init == "kaiming_uniform":
+        # nn.init.kaiming_uniform_(a=sqrt(5)) as LoRA does: bound = 1 / sqrt(fan_in)
+        bound = 1.0 / math.sqrt(spec.shape[-1])
+        return (torch.rand(spec.shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).to(dtype)
+    raise ValueError(f"Unknown init {spec.init!r} for tensor {spec.name!r}.")
+
+
+def basis_bits(n_states: int, n_qubits: int) -> torch.Tensor:
+    """(n_states, n_qubits) matrix of ±1: entry (i, q) is +1 if bit q of i is set, else -1."""
+    index = torch.arange(n_states).unsqueeze(1)
+    bits = (index >> torch.arange(n_qubits)) & 1
+    return bits.to(torch.float32) * 2 - 1
+
+
+class QPAGenerator(nn.Module):
+    """Generates M numbers (all adapted tensors of one adapter) from a parameterized circuit.
+
+    Args:
+        specs: the tensors to fill, in order. M = sum of their sizes.
+        n_qubits, depth, ansatz: the circuit (see :func:`peft_qpa.circuit.build_ansatz`).
+        chunk_size: numbers per basis state.
+        hidden_sizes, activation: the mapping MLP.
+        prob_gamma, prob_beta, prob_alpha, prob_eps: probability post-processing.
+        make_backend: optional callable ``circuit -> (backend, interpolation or None)``: ``backend`` maps
+            ``(angles, step)`` to ``(probs, counts or None)``; ``interpolation`` maps ``(probs, counts)`` to
+            probs (generative interpolation). The exact torch statevector simulator when None.
+        init_weights: start from the specs' init (True) or from the raw generator output (False).
+        seed: seeds angles, MLP and the specs' random inits.
+    """
+
+    def __init__(
+        self,
+        specs: list[TensorSpec],
+        *,
+        depth: int,
+        chunk_size: int,
+        ansatz: str = "ry_cnot",
+        hidden_sizes: tuple[int, ...] = (32, 64, 128, 128, 64, 32),
+        activation: str = "gelu",
+        prob_gamma: float = 0.1,
+        prob_beta: float = 0.6,
+        prob_alpha: float = 0.15,
+        prob_eps: float = 1e-6,
+        max_qubits: int = 24,
+        dtype: torch.dtype = torch.float32,
+        init_weights: bool = True,
+        seed: int = 0,
+        make_backend: Optional[Callable] = None,
+    ):
+        super().__init__()
+        if not specs:
+            raise ValueError("The generator needs at least one tensor to fill.")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError("Tensor names given to the generator must be unique.")
+        self.specs = list(specs)
+        self.num_generated = sum(s.numel for s in specs)
+        self.chunk_size = chunk_size
+        self.n_chunks = math.ceil(self.num_generated / chunk_size)
+        self.n_qubits = n_qubits_for(self.num_generated, chunk_size)
+        if self.n_qubits > max_qubits:
+            needed = math.ceil(self.num_generated / 2**max_qubits)
+            raise ValueError(
+                f"Generating {self.num_generated} numbers in chunks of {chunk_size} needs {self.n_qubits} qubits, "
+                f"more than max_qubits={max_qubits} (a statevector of 2^{self.n_qubits} amplitudes). Raise "
+                f"chunk_size to at least {needed}, or raise max_qubits if you have the memory."
+            )
+        self.depth = depth
+        self.ansatz = ansatz
+        self.prob_gamma, self.prob_beta, self.prob_alpha, self.prob_eps = prob_gamma, prob_beta, prob_alpha, prob_eps
+        self.quantum_circuit = build_ansatz(self.n_qubits, depth, ansatz)
+
+        rng = torch.Generator().manual_seed(seed)
+        # Circuit angles, uniform in [0, 2π): a random product-of-rotations start, no basis state favoured.
+        self.angles = nn.Parameter(torch.rand(self.quantum_circuit.num_parameters, generator=rng, dtype=dtype) * 2 * math.pi)
+        layers: list[nn.Module] = []
+        width = self.n_qubits + 1
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden, dtype=dtype), ACTIVATION_CLASSES[activation]()]
+            width = hidden
+        layers.append(nn.Linear(width, chunk_size, dtype=dtype))
+        self.mapping = nn.Sequential(*layers)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for layer in self.mapping:
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+
+        if make_backend is None:
+            from .simulator import StatevectorSimulator
+
+            probability_backend, interpolation = _ExactBackend(StatevectorSimulator(self.quantum_circuit)), None
+        else:
+            probability_backend, interpolation = make_backend(self.quantum_circuit)
+        self.probability_backend = probability_backend
+        self.interpolation = interpolation
+        # Row i of the mapping input: the ±1 bits of basis state i (only the first n_chunks states are used).
+        self.register_buffer("basis_bits", basis_bits(self.n_chunks, self.n_qubits).to(dtype), persistent=False)
+        # Training steps taken (seeds shot sampling; saved so a resumed run continues the sequence).
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("offset", torch.zeros(self.num_generated, dtype=dtype))
+        if init_weights:
+            with torch.no_grad():
+                init = torch.cat([_init_tensor(s, rng, dtype).reshape(-1) for s in self.specs])
+                self.offset.copy_(init - self._raw_output(step=0))
+
+    # --- the pipeline -------------------------------------------------------------------------------
+    def probabilities(self, step: Optional[int] = None) -> torch.Tensor:
+        """The 2^N basis-state probabilities the generator maps (after interpolation, if any)."""
+        step = int(self.step) if step is None else step
+        probs, counts = self.probability_backend(self.angles, step)
+        if self.interpolation is not None and counts is not None:
+            probs = self.interpolation(probs, counts)
+        return probs
+
+    def postprocess(self, probs: torch.Tensor) -> torch.Tensor:
+        """x = (β tanh(γ 2^(N-1) p) + ε)^α - ε^α, centred over the states used.
+
+        The ε keeps the derivative finite where p = 0 (exact zeros are common with shots)."""
+        scaled = self.prob_beta * torch.tanh(self.prob_gamma * 2 ** (self.n_qubits - 1) * probs)
+        x = (scaled + self.prob_eps) ** self.prob_alpha - self.prob_eps**self.prob_alpha
+        return x - x.mean()
+
+    def _raw_output(self, step: int) -> torch.Tensor:
+        probs = self.probabilities(step)[: self.n_chunks]
+        features = torch.cat([self.basis_bits, self.postprocess(probs).unsqueeze(1).to(self.basis_bits.dtype)], 1)
+        chunks = self.mapping(features)  # (n_chunks, chunk_size): row i is basis state i's chunk
+        flat = chunks.reshape(-1)[: self.num_generated]
+        return flat - flat.mean()
+
+    def generate(self) -> torch.Tensor:
+        """The flat vector of M generated numbers (differentiable)."""
+        return self._raw_output(int(self.step)) + self.offset
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cut a flat vector into the named tensors (views)."""
+        out, start = {}, 0
+        for spec in self.specs:
+            out[spec.name] = flat[start : start + spec.numel].view(spec.shape)
+            start += spec.numel
+        return out
+
+    # --- once per forward, cached in eval (plain attributes: never saved) ----------------------------
+    def attach_snapshot(self, targets: dict[str, tuple[Any, str]]) -> None:
+        """Where each generated tensor's snapshot lives: spec name -> (BufferDict, key in it)."""
+        self._snapshot_targets = targets
+        self._snapshot_key = None
+        self._live = None
+
+    def _state_key(self) -> tuple:
+        # In-place updates (optimizer steps, load_state_dict) bump a tensor's _version; replacing a
+        # tensor changes its data_ptr. Either invalidates the snapshot.
+        return tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+    def begin_forward(self) -> None:
+        """Called at the start of every forward of the whole model: generate once for all layers.
+
+        With gradients needed, the tensors are generated here, outside any gradient-checkpointed block,
+        and every layer reads the same live tensors. Otherwise layers read the snapshot, which is
+        regenerated only when the generator's parameters changed."""
+        self._live = None
+        if self._needs_grad():
+            self._live = self.split(self.generate())
+            with torch.no_grad():
+                self.step += 1
+
+    def end_forward(self) -> None:
+        self._live = None
+
+    def live_tensors(self) -> Optional[dict[str, torch.Tensor]]:
+        """The live (differentiable) tensors of this forward, or None when the snapshot is to be used
+        (in which case it is made fresh first)."""
+        if getattr(self, "_live", None) is not None:
+            return self._live
+        if self._needs_grad():  # a layer called outside a whole-model forward
+            self._live = self.split(self.generate())
+            return self._live
+        self.refresh_snapshot()
+        return None
+
+    @torch.no_grad()
+    def refresh_snapshot(self) -> None:
+        """Regenerate the snapshot buffers if the generator changed since they were written."""
+        targets = getattr(self, "_snapshot_targets", None)
+        if not targets or self._snapshot_key == self._state_key():
+            return
+        tensors = self.split(self.generate())
+        for name, (buffers, key) in targets.items():
+            buffers[key].copy_(tensors[name])
+        self._snapshot_key = self._state_key()
+
+    def mark_snapshot_fresh(self) -> None:
+        """Declare the snapshot buffers authoritative for the current parameters (after a load)."""
+        self._snapshot_key = self._state_key()
+
+    def circuit(self):
+        """The Qiskit circuit with the current angles bound (drawable: ``.circuit().draw()``)."""
+        values = self.angles.detach().cpu().double().tolist()
+        return self.quantum_circuit.assign_parameters(dict(zip(circuit_parameters(self.quantum_circuit), values)))
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def summary(self, lora_parameters: Optional[int] = None) -> str:
+        circuit_params = self.angles.numel()
+        mlp_params = sum(p.numel() for p in self.mapping.parameters())
+        gi_params = sum(p.numel() for p in self.interpolation.parameters()) if self.interpolation is not None else 0
+        total = circuit_params + mlp_params + gi_params
+        lines = [
+            f"qubits N: {self.n_qubits} (2^N = {2**self.n_qubits} basis states, {self.n_chunks} used)",
+            f"depth L: {self.depth} ({self.ansatz})",
+            f"generated numbers M: {self.num_generated} in chunks of {self.chunk_size}",
+            f"circuit parameters: {circuit_params}",
+            f"mapping MLP parameters: {mlp_params}",
+        ]
+        if gi_params:
+            lines.append(f"interpolation network parameters: {gi_params}")
+        lines.append(f"trainable total: {total}")
+        if lora_parameters:
+            lines.append(f"ratio to LoRA with the same r and targets: {total / lora_parameters:.2%} ({total} / {lora_parameters})")
+        return "\n".join(lines)
+
+
+class _ExactBackend(nn.Module):
+    """Adapts the exact simulator to the backend signature ``(angles, step) -> (probs, None)``."""
+
+    def __init__(self, simulator: nn.Module):
+        super().__init__()
+        self.simulator = simulator
+
+    def forward(self, angles: torch.Tensor, step: int):
+        return self.simulator(angles), None
