@@ -222,8 +222,11 @@ class QPAGenerator(nn.Module):
             with torch.no_grad():
                 self.step += 1
 
-    def end_forward(self) -> None:
-        self._live = None
+    def __getstate__(self):
+        # Live tensors belong to one forward's autograd graph: never copy or pickle them.
+        state = self.__dict__.copy()
+        state["_live"] = None
+        return state
 
     def live_tensors(self) -> Optional[dict[str, torch.Tensor]]:
         """The live (differentiable) tensors of this forward, or None when the snapshot is to be used
@@ -250,6 +253,17 @@ class QPAGenerator(nn.Module):
     def mark_snapshot_fresh(self) -> None:
         """Declare the snapshot buffers authoritative for the current parameters (after a load)."""
         self._snapshot_key = self._state_key()
+
+    @torch.no_grad()
+    def cast_(self, dtype: torch.dtype) -> "QPAGenerator":
+        """Move parameters and buffers to ``dtype`` in place, keeping the generated tensors: the offset is
+        re-anchored in the new dtype, so a zero tensor (LoRA's B at init) stays exactly zero."""
+        if self.angles.dtype == dtype:
+            return self
+        current = self.generate()
+        self.to(dtype)
+        self.offset.copy_(current.to(dtype) - self._raw_output(int(self.step)))
+        return self
 
     def circuit(self):
         """The Qiskit circuit with the current angles bound (drawable: ``.circuit().draw()``)."""

@@ -1,0 +1,24 @@
+"""Tiny models built from configs (never the Hub)."""
+
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+import peft_qpa  # noqa: F401  (registers QPA)
+
+warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(1))
