@@ -85,7 +85,7 @@ class QPAConfig(PeftConfig):
         default="gelu", metadata={"help": f"Nonlinearity between the mapping MLP's layers, one of {ACTIVATIONS}."}
     )
     prob_gamma: float = field(
-        default=0.1, metadata={"help": "Probability post-processing x = (beta * tanh(gamma * 2^(N-1) * p))^alpha: gamma."}
+        default=0.1, metadata={"help": "Probability post-processing x = (beta * tanh(gamma * 2^(N-1) * p) + eps)^alpha - eps^alpha: gamma."}
     )
     prob_beta: float = field(default=0.6, metadata={"help": "Probability post-processing: beta (> 0)."})
     prob_alpha: float = field(default=0.15, metadata={"help": "Probability post-processing: exponent alpha in (0, 1]."})

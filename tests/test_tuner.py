@@ -347,3 +347,18 @@ def test_adapter_from_another_config_is_refused(input_ids, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match="size mismatch"):
         PeftModel.from_pretrained(MODEL_FACTORIES["gpt2"](), tmp_path)
+
+
+def test_every_config_field_is_documented():
+    import dataclasses
+    from pathlib import Path
+
+    from peft import PeftConfig
+
+    doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    own = {f.name for f in dataclasses.fields(peft_qpa.QPAConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    missing = [name for name in own if f"| `{name}` |" not in doc]
+    assert not missing, f"docs/config.md lacks {missing}"
+    for f in dataclasses.fields(peft_qpa.QPAConfig):
+        if f.name in own:
+            assert f.metadata.get("help"), f"{f.name} has no help metadata"
