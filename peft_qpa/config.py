@@ -149,7 +149,7 @@ class QPAConfig(PeftConfig):
         metadata={
             "help": (
                 "None, the name of an offline IBM fake device (e.g. 'fake_kyiv'), or a qiskit_aer NoiseModel "
-                "(stored in JSON as its serialized dict). Only with backend='aer_shots'."
+                "(stored in JSON as its serialized dict). With 'aer_shots' (noisy sampling) or 'aer_statevector' (exact noisy probabilities, N <= 12)."
             )
         },
     )
@@ -236,9 +236,10 @@ class QPAConfig(PeftConfig):
             )
         if self.shot_gradient not in SHOT_GRADIENTS:
             fail("shot_gradient", f"one of {SHOT_GRADIENTS}")
-        if self.noise_model is not None and self.backend != "aer_shots":
+        if self.noise_model is not None and self.backend == "statevector":
             raise ValueError(
-                "QPAConfig.noise_model needs backend='aer_shots' (a noisy device is sampled with finite shots)."
+                "QPAConfig.noise_model needs an Aer backend: 'aer_shots' (noisy sampling) or 'aer_statevector' "
+                "(exact noisy probabilities from a density matrix, N <= 12)."
             )
         if self.generative_interpolation and self.backend != "aer_shots":
             raise ValueError(

@@ -154,7 +154,7 @@ class QPAGenerator(nn.Module):
         # Training steps taken (seeds shot sampling; saved so a resumed run continues the sequence).
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("offset", torch.zeros(self.num_generated, dtype=dtype))
-        if init_weights:
+        if init_weights and not self.angles.is_meta:  # on meta (low_cpu_mem_usage) the checkpoint provides it
             with torch.no_grad():
                 init = torch.cat([_init_tensor(s, rng, dtype).reshape(-1) for s in self.specs])
                 self.offset.copy_(init - self._raw_output(step=0))
@@ -163,7 +163,12 @@ class QPAGenerator(nn.Module):
     def probabilities(self, step: Optional[int] = None) -> torch.Tensor:
         """The 2^N basis-state probabilities the generator maps (after interpolation, if any)."""
         step = int(self.step) if step is None else step
-        probs, counts = self.probability_backend(self.angles, step)
+        angles = self.angles
+        if angles.dtype in (torch.float16, torch.bfloat16):
+            # A generator cast to half precision (autocast_adapter_dtype=False) still simulates in float32:
+            # complex half amplitudes are barely supported and 2^N probabilities need the precision.
+            angles = angles.float()
+        probs, counts = self.probability_backend(angles, step)
         if self.interpolation is not None and counts is not None:
             probs = self.interpolation(probs, counts)
         return probs
@@ -210,17 +215,27 @@ class QPAGenerator(nn.Module):
     def _needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
-    def begin_forward(self) -> None:
+    def begin_forward(self, reentrant_checkpointing: bool = False) -> None:
         """Called at the start of every forward of the whole model: generate once for all layers.
 
         With gradients needed, the tensors are generated here, outside any gradient-checkpointed block,
         and every layer reads the same live tensors. Otherwise layers read the snapshot, which is
-        regenerated only when the generator's parameters changed."""
+        regenerated only when the generator's parameters changed.
+
+        Reentrant gradient checkpointing runs one nested backward per checkpointed block, and each would
+        traverse (and free) the generator's graph. Then the layers read a detached leaf instead; its
+        gradient is pushed through the generator (graph retained) at the end of each nested backward.
+        """
         self._live = None
-        if self._needs_grad():
-            self._live = self.split(self.generate())
-            with torch.no_grad():
-                self.step += 1
+        if not self._needs_grad():
+            return
+        flat = self.generate()
+        if reentrant_checkpointing:
+            generated, flat = flat, flat.detach().requires_grad_(True)
+            flat.register_hook(lambda grad: _queue_backward(generated, grad))
+        self._live = self.split(flat)
+        with torch.no_grad():
+            self.step += 1
 
     def __getstate__(self):
         # Live tensors belong to one forward's autograd graph: never copy or pickle them.
@@ -243,7 +258,7 @@ class QPAGenerator(nn.Module):
     def refresh_snapshot(self) -> None:
         """Regenerate the snapshot buffers if the generator changed since they were written."""
         targets = getattr(self, "_snapshot_targets", None)
-        if not targets or self._snapshot_key == self._state_key():
+        if not targets or self.angles.is_meta or self._snapshot_key == self._state_key():
             return
         tensors = self.split(self.generate())
         for name, (buffers, key) in targets.items():
@@ -260,6 +275,8 @@ class QPAGenerator(nn.Module):
         re-anchored in the new dtype, so a zero tensor (LoRA's B at init) stays exactly zero."""
         if self.angles.dtype == dtype:
             return self
+        if self.angles.is_meta:  # low_cpu_mem_usage: the checkpoint loaded next provides the values
+            return self.to(dtype)
         current = self.generate()
         self.to(dtype)
         self.offset.copy_(current.to(dtype) - self._raw_output(int(self.step)))
@@ -291,6 +308,13 @@ class QPAGenerator(nn.Module):
         if lora_parameters:
             lines.append(f"ratio to LoRA with the same r and targets: {total / lora_parameters:.2%} ({total} / {lora_parameters})")
         return "\n".join(lines)
+
+
+def _queue_backward(flat: torch.Tensor, grad: torch.Tensor) -> None:
+    """Backpropagate ``grad`` through the generator's graph once the current backward pass ends."""
+    torch.autograd.Variable._execution_engine.queue_callback(
+        lambda: torch.autograd.backward(flat, grad, retain_graph=True)
+    )
 
 
 class _ExactBackend(nn.Module):

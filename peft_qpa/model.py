@@ -102,10 +102,15 @@ class QPAModel(BaseTuner):
     def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None):
         # PeftModel.add_adapter / load_adapter call this directly (skipping _pre_injection_hook), so the
         # generator is built here, once every target of the adapter has its layer.
+        # Adding an adapter must not change the trainability of the existing ones (BaseTuner.inject_adapter restores
+        # it for parameters inside the model; the generators live on the tuner, so restore theirs here).
+        existing = [(p, p.requires_grad) for generator in self._generators().values() for p in generator.parameters()]
         super().inject_adapter(
             model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
             state_dict=state_dict,
         )
+        for parameter, requires_grad in existing:
+            parameter.requires_grad = requires_grad
         self._build_generator(adapter_name)
 
     def _build_generator(self, adapter_name: str) -> None:
@@ -123,7 +128,12 @@ class QPAModel(BaseTuner):
         device = layers[0][1].get_base_layer().weight.device
         if device.type == "meta":
             device = None
-        generator = build_generator(config, specs, device=device)
+        generator = build_generator(config, specs)
+        # Under low_cpu_mem_usage (accelerate's init_empty_weights) the parameters are created on the meta device
+        # and only materialized by the checkpoint that is loaded next; like PEFT's layers, leave them there.
+        on_meta = any(p.is_meta for p in generator.parameters())
+        if device is not None and not on_meta:
+            generator = generator.to(device)
         generator.attach_snapshot(targets)
         generator.register_load_state_dict_post_hook(self._after_load_hook(adapter_name))
         self._generators()[adapter_name] = generator
@@ -131,7 +141,8 @@ class QPAModel(BaseTuner):
             layer._qpa_generators[adapter_name] = generator
         requires_grad = adapter_name in self.active_adapters and not config.inference_mode
         generator.requires_grad_(requires_grad)
-        generator.refresh_snapshot()
+        if not on_meta:
+            generator.refresh_snapshot()
         lora_params = sum(s.numel for s in specs)
         logger.info("QPA adapter %r:\n%s", adapter_name, generator.summary(lora_params))
 
@@ -146,10 +157,23 @@ class QPAModel(BaseTuner):
         return hook
 
     def _begin_forward(self, module, args):
-        for adapter_name in self.active_adapters:
-            generators = self._generators()
-            if adapter_name in generators and not self._adapters_disabled():
-                generators[adapter_name].begin_forward()
+        generators = self._generators()
+        active = [name for name in self.active_adapters if name in generators]
+        if not active or self._adapters_disabled():
+            return
+        reentrant = self._uses_reentrant_checkpointing()
+        for adapter_name in active:
+            generators[adapter_name].begin_forward(reentrant_checkpointing=reentrant)
+
+    def _uses_reentrant_checkpointing(self) -> bool:
+        """Whether transformers' gradient checkpointing is on with ``use_reentrant=True``."""
+        if not getattr(self.model, "is_gradient_checkpointing", False) or not self.model.training:
+            return False
+        for module in self.model.modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if func is not None:
+                return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+        return False
 
     def _adapters_disabled(self) -> bool:
         for module in self.model.modules():
@@ -234,7 +258,17 @@ class QPAModel(BaseTuner):
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        # The generator is created in its own dtype (float32 or float64) and stays there.
+        # The generator is created in simulator_dtype (float32 or float64). That is PEFT's autocast rule (adapter
+        # weights in at least float32), so it stays there by default. With autocast_adapter_dtype=False, PEFT
+        # adapters take the base layers' dtype: so does the generator.
+        if autocast_adapter_dtype or adapter_name not in self._generators():
+            return
+        layers = self._targeted_layers(adapter_name)
+        if not layers:
+            return
+        dtype = layers[0][1].get_base_layer().weight.dtype
+        if dtype.is_floating_point:
+            self._generators()[adapter_name].cast_(dtype)
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         model = super()._unload_and_optionally_merge(

@@ -137,11 +137,12 @@ def test_weights_generated_once_per_forward_and_cached_in_eval(arch, input_ids, 
     assert len(calls) == before + 1
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(input_ids):
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(input_ids, use_reentrant):
     def grads(checkpointing):
         model = adapted("llama", init_weights=False)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
         model.train()
         model(input_ids, labels=input_ids).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -357,8 +358,27 @@ def test_every_config_field_is_documented():
 
     doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
     own = {f.name for f in dataclasses.fields(peft_qpa.QPAConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
-    missing = [name for name in own if f"| `{name}` |" not in doc]
+    missing = [
+        f.name for f in dataclasses.fields(peft_qpa.QPAConfig)
+        if f.name in own and f"| `{f.name}` |" not in doc or (f.name in own and f.metadata["help"] not in doc)
+    ]
     assert not missing, f"docs/config.md lacks {missing}"
     for f in dataclasses.fields(peft_qpa.QPAConfig):
         if f.name in own:
             assert f.metadata.get("help"), f"{f.name} has no help metadata"
+
+
+def test_saving_right_after_an_optimizer_step_saves_the_current_weights(input_ids, tmp_path):
+    model = adapted("gpt2")
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids, labels=input_ids).loss.backward()
+    optimizer.step()  # no forward since: the layers' snapshot is stale until something refreshes it
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(MODEL_FACTORIES["gpt2"](), tmp_path)
+    model.eval()
+    torch.testing.assert_close(logits(reloaded, input_ids), logits(model, input_ids), rtol=0, atol=0)
+    generated = model.base_model.get_generator().split(model.base_model.get_generator().generate().detach())
+    layer_name = next(n for n, m in model.base_model.model.named_modules() if isinstance(m, QPALayer))
+    layer = model.base_model.model.get_submodule(layer_name)
+    torch.testing.assert_close(layer.qpa_lora_B["default"], generated[f"{layer_name}.lora_B"])

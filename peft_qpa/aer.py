@@ -1,0 +1,541 @@
+"""Qiskit Aer backends for the QPA circuit, as differentiable torch modules.
+
+:class:`AerProbabilities` runs the circuit built by :func:`peft_qpa.circuit.build_ansatz` (never a
+re-description of it) on ``qiskit_aer.AerSimulator`` and returns the probabilities of all 2^N basis
+states (Qiskit little-endian order: bit q of the index is qubit q) through a custom
+``torch.autograd.Function``:
+
+* ``method="aer_statevector"``: exact probabilities (``save_probabilities``). Gradient by the
+  parameter-shift rule, d p / d θ_k = (p(θ + π/2 e_k) - p(θ - π/2 e_k)) / 2, with the forward circuit and
+  all 2P shifted circuits bound into ONE Aer job (``parameter_binds``). With a noise model the same job
+  runs on Aer's density-matrix method and the device's readout error is applied exactly as per-qubit
+  confusion matrices: exact noisy probabilities (no shot noise), limited to
+  :data:`MAX_DENSITY_MATRIX_QUBITS` qubits (memory 16·4^N bytes per circuit).
+* ``method="aer_shots"``: ``shots`` measurements; the probabilities are the observed frequencies and the
+  counts are returned too. The simulator seed is derived from ``(seed, step)`` only, so every process of
+  a multi-process run sees the same counts at the same step. Gradients (``shot_gradient``):
+  ``"parameter_shift"`` samples the 2P shifted circuits with the same shot budget in the same job (what
+  hardware would do); ``"exact"`` is a straight-through estimator: the backward pass uses the exact,
+  noiseless statevector Jacobian (computed by torch autograd), the forward pass the sampled frequencies.
+
+Noise (``noise_model``): the snake-case name of an offline fake IBM device from
+``qiskit_ibm_runtime.fake_provider`` (see :func:`available_fake_backends`), a
+``qiskit_aer.noise.NoiseModel``, or None. The circuit is transpiled once (seeded) to the device's basis
+gates and coupling map, and the noise model is restricted to the physical qubits the transpiled circuit
+uses: a full 127-qubit model is re-serialised by Aer on every ``run`` (~1 s each), the restricted one is
+not. Readout error is included (via ``measure`` for shots, via confusion matrices for the exact path).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from qiskit import ClassicalRegister, QuantumCircuit, transpile
+from qiskit_aer import AerSimulator
+from qiskit_aer.noise import NoiseModel
+from transformers.utils import logging
+
+from .circuit import circuit_parameters, circuit_program
+
+logger = logging.get_logger(__name__)
+
+METHODS = ("aer_statevector", "aer_shots")
+SHOT_GRADIENTS = ("parameter_shift", "exact")
+
+# Exact noisy probabilities use a density matrix: 16 * 4^N bytes per circuit (N = 12: 268 MB).
+MAX_DENSITY_MATRIX_QUBITS = 12
+
+# Key under which a NoiseModel's dict form is stored in JSON (see noise_model_to_json).
+_NOISE_MODEL_JSON_KEY = "qiskit_aer_noise_model"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake devices and noise models
+# --------------------------------------------------------------------------------------------------
+
+
+def _snake_name(class_name: str) -> str:
+    """``FakeKyiv`` -> ``fake_kyiv``; ``FakeAthensV2`` -> ``fake_athens``; ``FakeFractionalBackend`` ->
+    ``fake_fractional`` (the same names as the backends' own ``.name``)."""
+    stem = re.sub(r"(V2|Backend)$", "", class_name[len("Fake"):])
+    return "fake_" + re.sub(r"(?<!^)(?=[A-Z])", "_", stem).lower()
+
+
+@functools.lru_cache(maxsize=None)
+def available_fake_backends() -> dict[str, str]:
+    """Offline fake IBM devices: snake-case name (``"fake_kyiv"``) -> class name in
+    ``qiskit_ibm_runtime.fake_provider``. Only names are read here; nothing is instantiated."""
+    from qiskit_ibm_runtime import fake_provider
+
+    names = {}
+    for attr in dir(fake_provider):
+        if not attr.startswith("Fake") or attr.startswith("FakeProvider"):
+            continue
+        obj = getattr(fake_provider, attr)
+        if isinstance(obj, type):
+            names[_snake_name(attr)] = attr
+    return dict(sorted(names.items()))
+
+
+@functools.lru_cache(maxsize=8)
+def load_fake_backend(name: str):
+    """Instantiate (once per process) the fake device called ``name`` (e.g. ``"fake_kyiv"``)."""
+    from qiskit_ibm_runtime import fake_provider
+
+    available = available_fake_backends()
+    key = name.strip().lower()
+    if key not in available:
+        raise ValueError(
+            f"Unknown noise_model device {name!r}. Use one of the offline fake IBM devices: "
+            f"{', '.join(available)}; or pass a qiskit_aer.noise.NoiseModel, or None for no noise."
+        )
+    return getattr(fake_provider, available[key])()
+
+
+def _sub_target(target, physical_qubits: set[int]):
+    """A copy of a device Target that keeps only the instructions acting on ``physical_qubits``.
+
+    ``basic_device_gate_errors`` on a full 127-qubit target takes ~5 s (it builds every qubit's thermal
+    relaxation and depolarizing channels); on the few qubits a small circuit uses it takes milliseconds."""
+    from qiskit.transpiler import Target
+
+    sub = Target(num_qubits=target.num_qubits, dt=target.dt, qubit_properties=target.qubit_properties)
+    for name in target.operation_names:
+        props = target[name]
+        kept = {qargs: prop for qargs, prop in props.items() if qargs is not None and set(qargs) <= physical_qubits}
+        if kept:
+            sub.add_instruction(target.operation_from_name(name), kept, name=name)
+    return sub
+
+
+def _restricted_device_noise_model(name: str, physical_qubits: set[int]) -> NoiseModel:
+    """The device's noise model (as ``NoiseModel.from_backend`` builds it, readout error included, no
+    delay relaxation since the circuit has no delays) restricted to ``physical_qubits``: a full-device
+    model is re-serialised by Aer on every run (~1 s for 127 qubits)."""
+    from qiskit_aer.noise.device import basic_device_gate_errors, basic_device_readout_errors
+
+    backend = load_fake_backend(name)
+    target = _sub_target(backend.target, physical_qubits)
+    model = NoiseModel(basis_gates=backend.operation_names)
+    for qubits, error in basic_device_readout_errors(target=target):
+        if set(qubits) <= physical_qubits:
+            model.add_readout_error(error, qubits)
+    for gate, qubits, error in basic_device_gate_errors(target=target):
+        model.add_quantum_error(error, gate, qubits)
+    return model
+
+
+def _restricted_user_noise_model(model: NoiseModel, physical_qubits: set[int]) -> NoiseModel:
+    """A user NoiseModel without the qubit-specific errors on qubits the circuit never touches."""
+    data = model.to_dict()
+    errors = []
+    for error in data["errors"]:
+        if "gate_qubits" in error:
+            kept = [qs for qs in error["gate_qubits"] if set(qs) <= physical_qubits]
+            if not kept:
+                continue
+            error = dict(error, gate_qubits=kept)
+        errors.append(error)
+    restricted = _noise_model_from_dict(dict(data, errors=errors))
+    return model if restricted is None else restricted
+
+
+def _noise_model_from_dict(data: dict) -> NoiseModel | None:
+    """``NoiseModel.from_dict`` (deprecated in Aer 0.15 but still the only public inverse of
+    ``to_dict``); None if a future Aer has removed it."""
+    if not hasattr(NoiseModel, "from_dict"):
+        return None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="from_dict has been deprecated", category=DeprecationWarning)
+        return NoiseModel.from_dict(data)
+
+
+def _readout_matrices(model: NoiseModel, physical_qubits: list[int]) -> list[np.ndarray | None]:
+    """Per logical qubit, the 2x2 readout matrix R[true, measured] of its physical qubit (None = ideal).
+
+    Only uncorrelated single-qubit readout errors can be applied to exact probabilities."""
+    default = None
+    specific: dict[int, np.ndarray] = {}
+    for error in model.to_dict()["errors"]:
+        if error["type"] != "roerror":
+            continue
+        matrix = np.asarray(error["probabilities"], dtype=np.float64)
+        if matrix.shape != (2, 2):
+            raise ValueError(
+                "The noise model has a correlated multi-qubit readout error, which the exact "
+                "(density-matrix) path cannot apply; use method='aer_shots' for this noise model."
+            )
+        if "gate_qubits" not in error:
+            default = matrix
+        else:
+            for (q,) in error["gate_qubits"]:
+                specific[int(q)] = matrix
+    return [specific.get(p, default) for p in physical_qubits]
+
+
+def apply_readout_error(probs: np.ndarray, matrices: list[np.ndarray | None]) -> np.ndarray:
+    """Apply independent per-qubit readout errors to probability vectors ``probs[..., 2^N]``.
+
+    ``matrices[q][a, b]`` = P(measure b | qubit q is in a). Linear, so it is applied to the shifted
+    probabilities of a parameter-shift Jacobian as well."""
+    n = len(matrices)
+    lead = probs.shape[:-1]
+    out = probs.reshape(lead + (2,) * n)
+    # Qubit q is bit q of the index, i.e. axis (len(lead) + n - 1 - q) of the reshaped array.
+    for q, matrix in enumerate(matrices):
+        if matrix is None:
+            continue
+        axis = len(lead) + n - 1 - q
+        out = np.moveaxis(np.tensordot(out, matrix, axes=([axis], [0])), -1, axis)
+    return out.reshape(probs.shape)
+
+
+def noise_model_to_json(value: str | NoiseModel | None) -> str | dict | None:
+    """JSON-safe form of a ``noise_model`` config value: a device name stays a string, a NoiseModel
+    becomes ``{"qiskit_aer_noise_model": NoiseModel.to_dict(serializable=True)}`` (never a pickle)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, NoiseModel):
+        data = value.to_dict(serializable=True)
+        json.dumps(data)  # fail here, not at save time, if something is not serialisable
+        return {_NOISE_MODEL_JSON_KEY: data}
+    raise ValueError(
+        f"noise_model must be a fake device name (str), a qiskit_aer.noise.NoiseModel or None, "
+        f"got {type(value).__name__}."
+    )
+
+
+def noise_model_from_json(value: str | dict | None) -> str | NoiseModel | None:
+    """Inverse of :func:`noise_model_to_json`."""
+    if value is None or isinstance(value, (str, NoiseModel)):
+        return value
+    if isinstance(value, dict) and _NOISE_MODEL_JSON_KEY in value:
+        model = _noise_model_from_dict(value[_NOISE_MODEL_JSON_KEY])
+        if model is None:
+            raise ValueError(
+                "This qiskit-aer has no NoiseModel.from_dict, so a NoiseModel stored inline in JSON cannot "
+                "be rebuilt; store a fake device name (e.g. 'fake_kyiv') as noise_model instead."
+            )
+        return model
+    raise ValueError(
+        f"Cannot read a noise_model from {value!r}: expected a device name, None, or a dict with key "
+        f"{_NOISE_MODEL_JSON_KEY!r} written by noise_model_to_json."
+    )
+
+
+def resolve_shots(shots: int | None, shots_per_state: float | None, n_qubits: int) -> int:
+    """Total shots from either ``shots`` or ``shots_per_state`` c (c·2^N shots, as in the paper)."""
+    if (shots is None) == (shots_per_state is None):
+        raise ValueError("Set exactly one of `shots` (total) or `shots_per_state` (c, giving c*2^N shots).")
+    if shots_per_state is not None:
+        if shots_per_state <= 0:
+            raise ValueError(f"shots_per_state must be > 0, got {shots_per_state}.")
+        shots = max(1, math.ceil(shots_per_state * 2**n_qubits))
+    _check_shots(shots)
+    return int(shots)
+
+
+def _check_shots(shots) -> None:
+    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
+        raise ValueError(f"shots must be an integer >= 1 for method='aer_shots', got {shots!r}.")
+
+
+def derive_seed(seed: int, step: int) -> int:
+    """The Aer ``seed_simulator`` of a step: a deterministic function of (seed, step) only, so identical
+    across processes and runs, and unrelated between consecutive steps."""
+    if seed < 0 or step < 0:
+        raise ValueError(f"seed and step must be >= 0, got seed={seed}, step={step}.")
+    return int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1, dtype=np.uint32)[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact statevector (for the straight-through gradient)
+# --------------------------------------------------------------------------------------------------
+
+
+class _TorchStatevector(torch.nn.Module):
+    """Minimal exact statevector of a ry/rx/cx circuit in torch (fallback for the lead's simulator).
+
+    TODO: drop once ``peft_qpa.simulator.StatevectorSimulator`` exists everywhere."""
+
+    def __init__(self, circuit: QuantumCircuit, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        self.n = circuit.num_qubits
+        self.program = circuit_program(circuit)
+        self.dtype = dtype
+        self.complex = any(g.name == "rx" for g in self.program)
+        index = torch.arange(2**self.n)
+        self._perms = {}
+        for g in self.program:
+            if g.name == "cx":
+                c, t = g.qubits
+                self._perms[(c, t)] = torch.where((index >> c) & 1 == 1, index ^ (1 << t), index)
+
+    def forward(self, angles: torch.Tensor) -> torch.Tensor:
+        n = self.n
+        cdtype = torch.complex128 if self.dtype == torch.float64 else torch.complex64
+        state = torch.zeros(2**n, dtype=cdtype if self.complex else self.dtype, device=angles.device)
+        state[0] = 1
+        angles = angles.to(self.dtype)
+        for g in self.program:
+            if g.name == "cx":
+                state = state[self._perms[g.qubits].to(angles.device)]
+                continue
+            (q,) = g.qubits
+            c, s = torch.cos(angles[g.param_index] / 2), torch.sin(angles[g.param_index] / 2)
+            view = state.reshape(2 ** (n - 1 - q), 2, 2**q)
+            a0, a1 = view[:, 0], view[:, 1]
+            if g.name == "ry":
+                new = torch.stack((c * a0 - s * a1, s * a0 + c * a1), dim=1)
+            else:  # rx
+                new = torch.stack((c * a0 - 1j * s * a1, -1j * s * a0 + c * a1), dim=1)
+            state = new.reshape(-1)
+        return state.abs() ** 2 if self.complex else state**2
+
+
+def _exact_simulator(circuit: QuantumCircuit) -> torch.nn.Module:
+    """The core's exact simulator (its dtype follows the angles'), else the fallback above."""
+    try:
+        from .simulator import StatevectorSimulator  # the core's tuned simulator
+    except ImportError:  # TODO: remove the fallback once peft_qpa.simulator is merged
+        return _TorchStatevector(circuit, torch.float64)
+    return StatevectorSimulator(circuit)
+
+
+# --------------------------------------------------------------------------------------------------
+# The torch module
+# --------------------------------------------------------------------------------------------------
+
+
+class _AerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, angles, module, step, need_grad):
+        theta = angles.detach().to("cpu", torch.float64).numpy()
+        probs, counts, jacobian = module._evaluate(theta, step, need_grad)
+        ctx.module = module
+        ctx.jacobian = jacobian
+        ctx.save_for_backward(angles)
+        out = torch.as_tensor(probs, device=angles.device).to(module.dtype)
+        if counts is None:
+            return out, None
+        counts_t = torch.as_tensor(counts, device=angles.device)
+        ctx.mark_non_differentiable(counts_t)
+        return out, counts_t
+
+    @staticmethod
+    def backward(ctx, grad_probs, grad_counts):
+        (angles,) = ctx.saved_tensors
+        module = ctx.module
+        if ctx.jacobian is not None:  # parameter shift: J[k, i] = d p_i / d θ_k
+            g = grad_probs.detach().to("cpu", torch.float64).numpy()
+            grad = torch.as_tensor(ctx.jacobian @ g).to(angles.device, angles.dtype)
+        else:  # straight-through: vector-Jacobian product of the exact statevector
+            with torch.enable_grad():
+                a = angles.detach().to(torch.float64).requires_grad_(True)
+                p = module.exact_simulator(a)
+                (grad,) = torch.autograd.grad(p, a, grad_probs.to(p.dtype))
+            grad = grad.to(angles.dtype)
+        return grad, None, None, None
+
+
+class AerProbabilities(torch.nn.Module):
+    """Basis-state probabilities of ``circuit`` on Qiskit Aer, differentiable w.r.t. its angles.
+
+    ``forward(angles, step)`` returns ``(probs, counts)``: ``probs`` has 2^N entries in Qiskit
+    little-endian order and dtype ``dtype``; ``counts`` is an int64 tensor of 2^N counts for
+    ``method="aer_shots"`` and None otherwise. See the module docstring for methods and gradients.
+    """
+
+    def __init__(
+        self,
+        circuit: QuantumCircuit,
+        *,
+        method: str,
+        shots: int | None,
+        shot_gradient: str,
+        noise_model: str | NoiseModel | None,
+        seed: int,
+        max_parallel_threads: int = 1,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+        if shot_gradient not in SHOT_GRADIENTS:
+            raise ValueError(f"shot_gradient must be one of {SHOT_GRADIENTS}, got {shot_gradient!r}.")
+        if method == "aer_shots":
+            _check_shots(shots)
+        elif shots is not None:
+            raise ValueError(
+                f"shots={shots} was given with method='aer_statevector', which computes exact "
+                "probabilities; use method='aer_shots' to sample, or set shots=None."
+            )
+        if max_parallel_threads < 0:  # 0 = Aer's own default: all cores
+            raise ValueError(f"max_parallel_threads must be >= 0 (0 = all cores), got {max_parallel_threads}.")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}.")
+        if circuit.num_clbits:
+            raise ValueError("Pass the unmeasured ansatz circuit; AerProbabilities adds the measurements.")
+
+        self.circuit = circuit
+        self.n_qubits = circuit.num_qubits
+        self.method = method
+        self.shots = int(shots) if shots is not None else None
+        self.shot_gradient = shot_gradient
+        self.seed = seed
+        self.dtype = dtype
+        self.max_parallel_threads = max_parallel_threads
+        self.parameters_ = circuit_parameters(circuit)
+        self.num_angles = len(self.parameters_)
+        if [p.index for p in self.parameters_] != list(range(self.num_angles)):
+            raise ValueError("The circuit's parameters must be one ParameterVector θ[0..P-1].")
+        self.noise_model_spec = noise_model
+        self._exact_sim = None
+        self._readout = None  # per-logical-qubit readout matrices (exact noisy path only)
+        self._shift_rule_ok = True
+
+        noisy = noise_model is not None
+        if noisy and method == "aer_statevector" and self.n_qubits > MAX_DENSITY_MATRIX_QUBITS:
+            raise ValueError(
+                f"Exact noisy probabilities (method='aer_statevector' with a noise_model) use a density "
+                f"matrix of 16*4^N bytes and are limited to N <= {MAX_DENSITY_MATRIX_QUBITS} qubits "
+                f"(got N={self.n_qubits}); use method='aer_shots' for larger noisy circuits."
+            )
+
+        body = circuit.copy()
+        if noisy:
+            noise, target = self._resolve_noise(noise_model)
+            # Transpile the unmeasured circuit once, so both methods use the same layout and routing.
+            body = transpile(body, seed_transpiler=seed, optimization_level=2, **target)
+            layout = body.layout.final_index_layout() if body.layout is not None else list(range(self.n_qubits))
+            used = {body.find_bit(q).index for inst in body.data for q in inst.qubits} | set(layout)
+            if isinstance(noise_model, str):
+                noise = _restricted_device_noise_model(noise_model.strip().lower(), used)
+            else:
+                noise = _restricted_user_noise_model(noise, used)
+            logger.info(
+                "QPA Aer: circuit transpiled for %s (seed %d): depth %d, ops %s, physical qubits %s.",
+                noise_model if isinstance(noise_model, str) else "the given NoiseModel",
+                seed, body.depth(), dict(body.count_ops()), layout,
+            )
+            self._check_shift_rule(body)
+            # One density-matrix simulation, then sampling: measured 3x faster than Aer's "automatic"
+            # choice (one noisy statevector trajectory per shot when shots are few) at N = 8..10, c = 1.
+            sim_method = "density_matrix" if self.n_qubits <= MAX_DENSITY_MATRIX_QUBITS else "automatic"
+        else:
+            noise, layout, sim_method = None, list(range(self.n_qubits)), "statevector"
+        self.physical_qubits = layout  # logical qubit q lives on physical qubit layout[q]
+        if method == "aer_shots":
+            # clbit q <- logical qubit q, so the count keys are little-endian basis-state indices
+            body.add_register(ClassicalRegister(self.n_qubits, "meas"))
+            body.barrier()
+            body.measure(layout, list(range(self.n_qubits)))
+        else:
+            body.save_probabilities(qubits=layout)
+            if noisy:  # save_probabilities excludes readout error: apply it afterwards
+                self._readout = _readout_matrices(noise, layout)
+        self.executed_circuit = body
+        self.noise_model = noise
+        self.simulator = AerSimulator(
+            method=sim_method, noise_model=noise, max_parallel_threads=max_parallel_threads
+        )
+
+    # -- set-up helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_noise(noise_model) -> tuple[NoiseModel | None, dict[str, Any]]:
+        """(noise model, transpile target kwargs). Unknown names raise ValueError with the list."""
+        if isinstance(noise_model, str):
+            backend = load_fake_backend(noise_model)
+            return None, {"backend": backend}
+        if isinstance(noise_model, NoiseModel):
+            return noise_model, {"basis_gates": noise_model.basis_gates}
+        raise ValueError(
+            "noise_model must be a fake IBM device name (e.g. 'fake_kyiv'), a qiskit_aer.noise.NoiseModel, "
+            f"or None; got {type(noise_model).__name__}."
+        )
+
+    def _check_shift_rule(self, transpiled: QuantumCircuit) -> None:
+        """The ±π/2 shift rule is exact only if each θ_k enters one rotation gate as ±θ_k + const."""
+        seen: dict[Any, int] = {}
+        for inst in transpiled.data:
+            for expr in inst.operation.params:
+                for p in getattr(expr, "parameters", ()):
+                    seen[p] = seen.get(p, 0) + 1
+                    coeff = float(expr.gradient(p))
+                    if seen[p] > 1 or abs(abs(coeff) - 1.0) > 1e-12:
+                        self._shift_rule_ok = False
+                        return
+        self._shift_rule_ok = True
+
+    @property
+    def exact_simulator(self) -> torch.nn.Module:
+        """Exact noiseless statevector of the same circuit (straight-through backward)."""
+        if self._exact_sim is None:
+            self._exact_sim = _exact_simulator(self.circuit)
+        return self._exact_sim
+
+    @property
+    def uses_parameter_shift(self) -> bool:
+        return self.method == "aer_statevector" or self.shot_gradient == "parameter_shift"
+
+    def circuits_per_step(self, with_gradient: bool = True) -> int:
+        """Circuits Aer runs per forward(+backward): 1, or 2P+1 with a parameter-shift gradient."""
+        return 1 + (2 * self.num_angles if with_gradient and self.uses_parameter_shift else 0)
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def _evaluate(self, theta: np.ndarray, step: int, need_grad: bool):
+        """One Aer job: the circuit at θ and, for a parameter-shift gradient, at θ ± π/2 e_k."""
+        shift = need_grad and self.uses_parameter_shift
+        if shift and not self._shift_rule_ok:
+            raise ValueError(
+                "After transpiling for the noise model some angle enters more than one gate, so the "
+                "parameter-shift rule does not apply; use shot_gradient='exact'."
+            )
+        batch = theta[None, :]
+        if shift:
+            eye = np.eye(self.num_angles) * (np.pi / 2)
+            batch = np.concatenate([batch, theta + eye, theta - eye], axis=0)
+        binds = [{p: batch[:, k] for k, p in enumerate(self.parameters_)}]
+        run_kwargs = {"parameter_binds": binds}
+        if self.method == "aer_shots":
+            run_kwargs.update(shots=self.shots, seed_simulator=derive_seed(self.seed, step))
+        result = self.simulator.run(self.executed_circuit, **run_kwargs).result()
+        if not result.success:
+            raise RuntimeError(f"Aer job failed: {result.status}")
+
+        dim = 2**self.n_qubits
+        if self.method == "aer_shots":
+            counts = np.zeros((len(batch), dim), dtype=np.int64)
+            for i, exp in enumerate(result.results):
+                for key, value in exp.data.counts.items():
+                    counts[i, int(key, 16)] = value
+            probs = counts / self.shots
+        else:
+            counts = None
+            probs = np.stack([np.asarray(exp.data.probabilities, dtype=np.float64) for exp in result.results])
+            if self._readout is not None:
+                probs = apply_readout_error(probs, self._readout)
+        jacobian = (probs[1 : 1 + self.num_angles] - probs[1 + self.num_angles :]) / 2 if shift else None
+        return probs[0], (counts[0] if counts is not None else None), jacobian
+
+    def forward(self, angles: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if angles.shape != (self.num_angles,):
+            raise ValueError(f"angles must have shape ({self.num_angles},), got {tuple(angles.shape)}.")
+        need_grad = torch.is_grad_enabled() and angles.requires_grad
+        return _AerFunction.apply(angles, self, int(step), need_grad)
+
+    def extra_repr(self) -> str:
+        noise = self.noise_model_spec if isinstance(self.noise_model_spec, str) or self.noise_model_spec is None else "NoiseModel"
+        return (
+            f"n_qubits={self.n_qubits}, method={self.method!r}, shots={self.shots}, "
+            f"shot_gradient={self.shot_gradient!r}, noise_model={noise!r}, threads={self.max_parallel_threads}"
+        )

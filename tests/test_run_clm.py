@@ -1,0 +1,119 @@
+"""examples/run_clm_qpa.py: a few Trainer steps on a tiny local model, resume, and 2 CPU processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_lm import make_text_files, make_tiny_model_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "run_clm_qpa.py"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_clm")
+    model_dir = make_tiny_model_dir(root / "model")
+    train, held = make_text_files(root / "text")
+    return model_dir, train, held
+
+
+def _env(tmp_path):
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PEFT_QPA_CACHE=str(tmp_path / "cache"), TRANSFORMERS_VERBOSITY="error",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+def _args(tiny, out, *extra):
+    model_dir, train, held = tiny
+    return [
+        "--model_name_or_path", str(model_dir), "--train_file", str(train), "--validation_file", str(held),
+        "--block_size", "32", "--output_dir", str(out), "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+        "--chunk_size", "16", "--qnn_depth", "2", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
+        "--seed", "0", "--save_strategy", "steps", *extra,
+    ]
+
+
+def _run(cmd, tmp_path, timeout=120):
+    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+def _losses(out: Path):
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def test_train_eval_and_resume_gives_same_continuation(tiny, tmp_path):
+    full = tmp_path / "full"
+    _run([sys.executable, str(SCRIPT), *_args(tiny, full, "--do_train", "--do_eval", "--max_steps", "4", "--save_steps", "2")], tmp_path)
+    results = json.loads((full / "qpa_results.json").read_text())
+    assert results["method"] == "qpa" and results["n_qubits"] >= 1
+    assert results["eval_tokens"] > 0 and results["base_tokens"] == results["eval_tokens"]
+    assert 1.0 < results["eval_perplexity"] < 1e4
+    assert (full / "adapter_config.json").is_file() and (full / "checkpoint-2").is_dir()
+    assert json.loads((full / "lora_export" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    # resume from step 2 in a fresh directory: steps 3-4 and the final adapter are identical
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    _run(
+        [sys.executable, str(SCRIPT), *_args(tiny, resumed, "--do_train", "--max_steps", "4", "--save_steps", "2",
+                                               "--resume_from_checkpoint", "true")],
+        tmp_path,
+    )
+    assert _losses(resumed) == pytest.approx(_losses(full), rel=1e-6)
+    from safetensors.torch import load_file
+
+    a = load_file(str(full / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert (a[key].float() - b[key].float()).abs().max() <= 1e-6, key
+
+
+def test_lora_baseline(tiny, tmp_path):
+    out = tmp_path / "lora"
+    _run([sys.executable, str(SCRIPT), *_args(tiny, out, "--do_train", "--do_eval", "--max_steps", "2", "--method", "lora",
+                                               "--save_steps", "100")], tmp_path)
+    results = json.loads((out / "qpa_results.json").read_text())
+    assert results["method"] == "lora" and "n_qubits" not in results
+    assert results["eval_perplexity"] > 1.0
+
+
+def test_accelerate_launch_two_cpu_processes(tiny, tmp_path):
+    accelerate = shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate CLI not on PATH")
+    out = tmp_path / "ddp"
+    # accelerate's `--cpu --num_processes 2` starts a single process unless MPI is set up; `--multi_gpu` spawns
+    # the processes through torchrun and the script switches them to CPU DDP (gloo) when there is no GPU.
+    cmd = [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", "29517", str(SCRIPT),
+        *_args(tiny, out, "--do_train", "--do_eval", "--max_steps", "2", "--save_steps", "100", "--per_device_eval_batch_size", "2"),
+    ]
+    _run(cmd, tmp_path)
+    results = json.loads((out / "qpa_results.json").read_text())
+    assert results["world_size"] == 2 and results["parallel_mode"] == "distributed"
+    # the distributed perplexity (windows sharded, sums all-reduced) covers the whole held-out set
+    single = tmp_path / "single"
+    _run([sys.executable, str(SCRIPT), *_args(tiny, single, "--do_eval", "--per_device_eval_batch_size", "2")], tmp_path)
+    one = json.loads((single / "qpa_results.json").read_text())
+    assert one["eval_tokens"] == results["eval_tokens"]
+    # 2 processes x 2 per device: 4 blocks per step, i.e. 8 blocks seen in 2 steps
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert state["train_batch_size"] == 2
