@@ -8,6 +8,7 @@ from .circuit import build_ansatz, n_qubits_for
 from .config import QPAConfig
 from .export import export_lora
 from .generator import QPAGenerator, TensorSpec
+from .hub import push_to_hub
 from .layer import QPALayer
 from .model import QPAModel
 from .registration import register_qpa
@@ -25,5 +26,6 @@ __all__ = [
     "build_ansatz",
     "export_lora",
     "n_qubits_for",
+    "push_to_hub",
     "register_qpa",
 ]

@@ -251,6 +251,15 @@ class QPAConfig(PeftConfig):
         if not is_int(self.aer_max_parallel_threads) or self.aer_max_parallel_threads < 0:
             fail("aer_max_parallel_threads", "an integer >= 0")
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save ``adapter_config.json`` and, once the adapter was built, the QPA section of the model card."""
+        super().save_pretrained(save_directory, **kwargs)
+        facts = getattr(self, "_model_card_facts", None)
+        if facts is not None:
+            from .model_card import update_model_card
+
+            update_model_card(save_directory, facts, self.base_model_name_or_path)
+
     def to_dict(self) -> dict:
         """JSON-safe dict: a NoiseModel object is stored as its serialized form, never pickled."""
         output = super().to_dict()

@@ -40,7 +40,7 @@ def export_lora(peft_model, save_directory: str, adapter_name: str = "default") 
     if not target_modules:
         raise ValueError(f"Adapter {adapter_name!r} has no QPA layers to export.")
     # modules_to_save and biases: method-agnostic entries of the adapter's own state dict
-    for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items():
+    for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False).items():
         if ".qpa_" not in key and f"{tuner.prefix}generator" not in key:
             state_dict[key] = value.detach().clone().contiguous()
 

