@@ -34,15 +34,10 @@ from peft_qpa.circuit import build_ansatz  # noqa: E402
 
 
 def torch_backend(circuit):
-    """The core's exact torch simulator if present, else the Aer module's private fallback."""
-    try:
-        from peft_qpa.simulator import StatevectorSimulator
+    """The exact torch statevector simulator (the default backend)."""
+    from peft_qpa.simulator import StatevectorSimulator
 
-        return "torch_statevector", StatevectorSimulator(circuit)
-    except ImportError:
-        from peft_qpa.aer import _TorchStatevector
-
-        return "torch_statevector_fallback", _TorchStatevector(circuit, torch.float32)
+    return "torch_statevector", StatevectorSimulator(circuit)
 
 
 def configurations(args):

@@ -42,7 +42,7 @@ from qiskit_aer import AerSimulator
 from qiskit_aer.noise import NoiseModel
 from transformers.utils import logging
 
-from .circuit import circuit_parameters, circuit_program
+from .circuit import circuit_parameters
 
 logger = logging.get_logger(__name__)
 
@@ -260,52 +260,10 @@ def derive_seed(seed: int, step: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-class _TorchStatevector(torch.nn.Module):
-    """Minimal exact statevector of a ry/rx/cx circuit in torch (fallback for the lead's simulator).
-
-    TODO: drop once ``peft_qpa.simulator.StatevectorSimulator`` exists everywhere."""
-
-    def __init__(self, circuit: QuantumCircuit, dtype: torch.dtype = torch.float64):
-        super().__init__()
-        self.n = circuit.num_qubits
-        self.program = circuit_program(circuit)
-        self.dtype = dtype
-        self.complex = any(g.name == "rx" for g in self.program)
-        index = torch.arange(2**self.n)
-        self._perms = {}
-        for g in self.program:
-            if g.name == "cx":
-                c, t = g.qubits
-                self._perms[(c, t)] = torch.where((index >> c) & 1 == 1, index ^ (1 << t), index)
-
-    def forward(self, angles: torch.Tensor) -> torch.Tensor:
-        n = self.n
-        cdtype = torch.complex128 if self.dtype == torch.float64 else torch.complex64
-        state = torch.zeros(2**n, dtype=cdtype if self.complex else self.dtype, device=angles.device)
-        state[0] = 1
-        angles = angles.to(self.dtype)
-        for g in self.program:
-            if g.name == "cx":
-                state = state[self._perms[g.qubits].to(angles.device)]
-                continue
-            (q,) = g.qubits
-            c, s = torch.cos(angles[g.param_index] / 2), torch.sin(angles[g.param_index] / 2)
-            view = state.reshape(2 ** (n - 1 - q), 2, 2**q)
-            a0, a1 = view[:, 0], view[:, 1]
-            if g.name == "ry":
-                new = torch.stack((c * a0 - s * a1, s * a0 + c * a1), dim=1)
-            else:  # rx
-                new = torch.stack((c * a0 - 1j * s * a1, -1j * s * a0 + c * a1), dim=1)
-            state = new.reshape(-1)
-        return state.abs() ** 2 if self.complex else state**2
-
-
 def _exact_simulator(circuit: QuantumCircuit) -> torch.nn.Module:
-    """The core's exact simulator (its dtype follows the angles'), else the fallback above."""
-    try:
-        from .simulator import StatevectorSimulator  # the core's tuned simulator
-    except ImportError:  # TODO: remove the fallback once peft_qpa.simulator is merged
-        return _TorchStatevector(circuit, torch.float64)
+    """The exact torch statevector simulator of the same circuit (its dtype follows the angles')."""
+    from .simulator import StatevectorSimulator
+
     return StatevectorSimulator(circuit)
 
 

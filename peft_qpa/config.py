@@ -177,6 +177,10 @@ class QPAConfig(PeftConfig):
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
+        if isinstance(self.noise_model, dict):  # a NoiseModel as stored in adapter_config.json
+            from .aer import noise_model_from_json
+
+            self.noise_model = noise_model_from_json(self.noise_model)
         self._validate()
 
     def _validate(self) -> None:

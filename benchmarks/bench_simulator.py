@@ -1,0 +1,402 @@
+"""The exact torch statevector simulator: forward+backward time, peak memory and a bandwidth bound.
+
+For every N (default 8, 10, ..., 20) and dtype it builds ``build_ansatz(N, L)`` and times
+``p = StatevectorSimulator(circuit)(angles); (p * w).sum().backward()`` (median over ``--repeats``
+after ``--warmup``). Aer statevector with its one-job parameter-shift gradient
+(``peft_qpa.aer.AerProbabilities``, 2P+1 circuits) is timed the same way up to ``--aer-max-qubits``
+and while one Aer step stays under ``--aer-max-seconds``; larger N are recorded as ``"not run"``
+(nothing is extrapolated).
+
+Memory: peak RSS increase of one forward+backward after a warm-up, measured in a fresh subprocess
+started with ``MALLOC_MMAP_THRESHOLD_=65536`` (so freed tensors go back to the OS and RSS follows the
+live bytes) after resetting the peak with ``/proc/self/clear_refs`` (Linux). Reported in bytes and as
+a multiple of the statevector (2^N amplitudes of the simulation dtype).
+
+Bandwidth bound: the bytes that the minimal passes over the state must move, divided by a measured
+copy bandwidth (``dst.copy_(src)`` of a ``--copy-mib`` tensor, read+write bytes / time). "Minimal"
+means: every layer (a rotation on every qubit and the CNOT chain, fused) reads and writes the state
+once in the forward pass; the backward pass per layer reads the incoming gradient and the saved layer
+input and writes the outgoing gradient (3 transfers); the final squaring costs 2 forward and 3
+backward transfers. Total (5L + 5) state-sized transfers. The benchmark also reports the bytes of the
+passes this implementation actually makes (one read+write per Kronecker block matmul and per
+permutation, plus the int64 index reads) against the same bandwidth.
+
+Example (the command used for docs/performance.md):
+
+    python benchmarks/bench_simulator.py
+
+Threads: ``--threads`` (default 1) sets ``torch.set_num_threads`` and Aer's ``max_parallel_threads``.
+On a shared 2-core machine 2 OpenMP threads next to another busy process made small matmuls 100x
+slower (spin contention), so 1 is the default; the JSON records threads, load average and CPU model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from peft_qpa.circuit import build_ansatz  # noqa: E402
+from peft_qpa.simulator import StatevectorSimulator, _PermutationStage, _RotationStage  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# --------------------------------------------------------------------------------------------------
+# Machine description (shared with bench_step.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(threads: int) -> dict:
+    return {
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
+        "loadavg_start": list(os.getloadavg()), "python": platform.python_version(),
+        "platform": platform.platform(), "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _proc_status(key: str) -> int:
+    match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(match.group(1)) * 1024
+
+
+def peak_rss_delta(fn) -> int | None:
+    """Peak RSS increase (bytes) while ``fn()`` runs; None where /proc/self/clear_refs is unavailable.
+    Meaningful only with MALLOC_MMAP_THRESHOLD_ set low (see the module docstring)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = _proc_status("VmRSS")
+    except (OSError, AttributeError):
+        return None
+    fn()
+    return max(0, _proc_status("VmHWM") - before)
+
+
+def run_memory_probe(script: Path, argv: list[str], timeout: float = 300) -> dict:
+    """Run ``script --memory-probe ...`` in a fresh interpreter with a fixed mmap threshold; parse its JSON."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("MEMORY_PROBE "):
+            return json.loads(line[len("MEMORY_PROBE "):])
+    return {"error": (proc.stderr or proc.stdout)[-2000:]}
+
+
+def median_time(fn, repeats: int, warmup: int) -> tuple[float, float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), min(times), times
+
+
+def copy_bandwidth(mib: int, repeats: int = 7) -> float:
+    """Bytes per second of ``dst.copy_(src)`` counting the read and the write."""
+    n = mib * 2**20 // 4
+    src, dst = torch.ones(n), torch.empty(n)
+    dst.copy_(src)
+    best = median_time(lambda: dst.copy_(src), repeats, 1)[0]
+    return 2 * n * 4 / best
+
+
+# --------------------------------------------------------------------------------------------------
+# Bytes moved
+# --------------------------------------------------------------------------------------------------
+
+
+def minimal_transfers(depth: int) -> int:
+    """State-sized transfers of the minimal passes, forward + backward (see the module docstring)."""
+    return (2 * depth + 2) + (3 * depth + 3)
+
+
+def implementation_bytes(sim: StatevectorSimulator, amp_bytes: int) -> int:
+    """Bytes the implemented passes move (forward + autograd backward), from the simulator's stages.
+
+    Rotation block matmul y = B x: forward R x + W y; backward R g + W grad_x (grad_x = B^T g) and
+    R g + R x (grad_B = g x^T). Permutation: R state + R int64 index + W, both ways. A first full layer
+    on |0...0> is the product state: W once, backward R g once. Squaring: 2 forward, 3 backward."""
+    size = 2**sim.n_qubits
+    state = size * amp_bytes
+    index = size * 8
+    total = 0
+    for i, stage in enumerate(sim._stages):
+        if isinstance(stage, _PermutationStage):
+            total += 2 * (2 * state + index)
+        elif i == 0 and stage.full:
+            total += 2 * state
+        else:
+            total += len(stage.blocks) * 6 * state
+    # squaring: forward reads the state and writes real probabilities; backward reads their gradient and
+    # the state and writes the state's gradient (counted as state-sized transfers)
+    total += 5 * state
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------------
+
+
+def torch_row(n: int, dtype_name: str, args) -> dict:
+    circuit = build_ansatz(n, args.depth, args.ansatz)
+    t0 = time.perf_counter()
+    sim = StatevectorSimulator(circuit)
+    setup_s = time.perf_counter() - t0
+    dtype = DTYPES[dtype_name]
+    angles = (torch.rand(circuit.num_parameters, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+              * 2 * math.pi).to(dtype)
+    w = torch.randn(2**n, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+
+    def fwd_bwd():
+        a = angles.clone().requires_grad_(True)
+        (sim(a) * w).sum().backward()
+
+    def fwd():
+        with torch.no_grad():
+            sim(angles)
+
+    med, best, times = median_time(fwd_bwd, args.repeats, args.warmup)
+    fwd_med = median_time(fwd, args.repeats, 1)[0]
+    amp_bytes = torch.empty((), dtype=dtype).element_size() * (2 if sim.is_complex else 1)
+    state_bytes = 2**n * amp_bytes
+    return {
+        "backend": "torch_statevector", "n_qubits": n, "depth": args.depth, "ansatz": args.ansatz,
+        "dtype": dtype_name, "n_angles": circuit.num_parameters, "setup_s": setup_s,
+        "fwd_bwd_s_median": med, "fwd_bwd_s_min": best, "fwd_bwd_s_all": times, "fwd_s_median": fwd_med,
+        "state_bytes": state_bytes, "minimal_bytes": minimal_transfers(args.depth) * state_bytes,
+        "implementation_bytes": implementation_bytes(sim, amp_bytes),
+    }
+
+
+def aer_row(n: int, args) -> dict:
+    from peft_qpa.aer import AerProbabilities
+
+    circuit = build_ansatz(n, args.depth, args.ansatz)
+    t0 = time.perf_counter()
+    sim = AerProbabilities(circuit, method="aer_statevector", seed=0, max_parallel_threads=args.threads,
+                           dtype=torch.float64)
+    setup_s = time.perf_counter() - t0
+    angles = torch.rand(circuit.num_parameters, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 * math.pi
+    w = torch.randn(2**n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def fwd_bwd():
+        a = angles.clone().requires_grad_(True)
+        (sim(a, 0)[0] * w).sum().backward()
+
+    t = time.perf_counter()
+    fwd_bwd()
+    first = time.perf_counter() - t
+    times = [first] if first > 1.0 else []  # a slow first run is kept as a measurement (no separate warm-up)
+    while len(times) < args.aer_repeats and sum(times) < args.aer_max_seconds:
+        t = time.perf_counter()
+        fwd_bwd()
+        times.append(time.perf_counter() - t)
+    return {
+        "backend": "aer_statevector_param_shift", "n_qubits": n, "depth": args.depth, "ansatz": args.ansatz,
+        "dtype": "float64 (Aer double precision)", "n_angles": circuit.num_parameters,
+        "circuits_per_step": sim.circuits_per_step(with_gradient=True), "setup_s": setup_s,
+        "fwd_bwd_s_median": statistics.median(times), "fwd_bwd_s_min": min(times), "fwd_bwd_s_all": times,
+    }
+
+
+def memory_probe(n: int, dtype_name: str, args) -> dict:
+    """(subprocess) peak RSS increase of one forward+backward after a warm-up one."""
+    circuit = build_ansatz(n, args.depth, args.ansatz)
+    sim = StatevectorSimulator(circuit)
+    dtype = DTYPES[dtype_name]
+    angles = (torch.rand(circuit.num_parameters, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+              * 2 * math.pi).to(dtype)
+    w = torch.randn(2**n, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+
+    def fwd_bwd():
+        a = angles.clone().requires_grad_(True)
+        (sim(a) * w).sum().backward()
+
+    fwd_bwd()
+    return {"peak_rss_delta_bytes": peak_rss_delta(fwd_bwd)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------------------
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["results"]
+    bw = payload["meta"]["copy_bandwidth_bytes_per_s"]
+    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(13, 5))
+    for dtype_name, color in (("float32", "C0"), ("float64", "C1")):
+        sel = sorted((r for r in rows if r["backend"] == "torch_statevector" and r["dtype"] == dtype_name),
+                     key=lambda r: r["n_qubits"])
+        if not sel:
+            continue
+        ns = [r["n_qubits"] for r in sel]
+        ax_t.plot(ns, [r["fwd_bwd_s_median"] for r in sel], "o-", color=color, label=f"torch {dtype_name} fwd+bwd")
+        ax_t.plot(ns, [r["minimal_bytes"] / bw for r in sel], ":", color=color, label=f"bandwidth bound {dtype_name}")
+        ax_r.plot(ns, [r["ratio_to_bound"] for r in sel], "o-", color=color, label=f"time / bound ({dtype_name})")
+        mem = [(r["n_qubits"], r.get("peak_memory_over_state")) for r in sel if r.get("peak_memory_over_state")]
+        if mem:
+            ax_r.plot(*zip(*mem), "s--", color=color, label=f"peak memory / statevector ({dtype_name})")
+    aer = sorted((r for r in rows if r["backend"] == "aer_statevector_param_shift" and "fwd_bwd_s_median" in r),
+                 key=lambda r: r["n_qubits"])
+    if aer:
+        ax_t.plot([r["n_qubits"] for r in aer], [r["fwd_bwd_s_median"] for r in aer], "s-", color="C3",
+                  label="Aer statevector + parameter shift (2P+1 circuits)")
+    ax_t.set(yscale="log", xlabel="qubits N", ylabel="seconds (median)",
+             title=f"Circuit forward+backward, L={payload['meta']['args']['depth']}, "
+                   f"{payload['meta']['machine']['torch_threads']} thread(s)")
+    ax_r.axhline(4, color="gray", linestyle="--", linewidth=1)
+    ax_r.set(yscale="log", xlabel="qubits N", ylabel="ratio", title="measured / bandwidth bound; peak memory / state")
+    for ax in (ax_t, ax_r):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--qubits", type=int, nargs="+", default=list(range(8, 21, 2)))
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--ansatz", default="ry_cnot", choices=["ry_cnot", "rx_cnot"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=list(DTYPES))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--aer-max-qubits", type=int, default=16, help="largest N timed on Aer")
+    parser.add_argument("--aer-max-seconds", type=float, default=30.0,
+                        help="stop repeating an Aer measurement, and skip larger N, past this many seconds")
+    parser.add_argument("--aer-repeats", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--copy-mib", type=int, default=256, help="size of the tensor copied to measure bandwidth")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads and Aer max_parallel_threads")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--name", default="bench_simulator")
+    parser.add_argument("--plot-only", metavar="JSON")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("N", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args.memory_probe:
+        print("MEMORY_PROBE " + json.dumps(memory_probe(int(args.memory_probe[0]), args.memory_probe[1], args)))
+        return None
+    if args.plot_only:
+        payload = json.loads(Path(args.plot_only).read_text())
+        plot(payload, Path(args.plot_only).with_suffix(".png"))
+        return payload
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    machine = machine_info(args.threads)
+    bw = copy_bandwidth(args.copy_mib)
+    print(f"copy bandwidth ({args.copy_mib} MiB tensor): {bw / 1e9:.1f} GB/s (read+write)", flush=True)
+    results = []
+    for n in sorted(args.qubits):
+        for dtype_name in args.dtypes:
+            row = torch_row(n, dtype_name, args)
+            row["bound_s"] = row["minimal_bytes"] / bw
+            row["ratio_to_bound"] = row["fwd_bwd_s_median"] / row["bound_s"]
+            row["implementation_bytes_s"] = row["implementation_bytes"] / bw
+            if not args.no_memory:
+                probe = run_memory_probe(Path(__file__), ["--memory-probe", str(n), dtype_name, "--depth", str(args.depth),
+                                                          "--ansatz", args.ansatz, "--threads", str(args.threads)])
+                row["peak_memory_bytes"] = probe.get("peak_rss_delta_bytes")
+                if row["peak_memory_bytes"]:
+                    row["peak_memory_over_state"] = row["peak_memory_bytes"] / row["state_bytes"]
+                if "error" in probe:
+                    row["peak_memory_error"] = probe["error"]
+            results.append(row)
+            print(f"torch {dtype_name} N={n:2d} fwd+bwd {row['fwd_bwd_s_median'] * 1e3:9.2f} ms  "
+                  f"(fwd {row['fwd_s_median'] * 1e3:8.2f} ms)  bound {row['bound_s'] * 1e3:8.2f} ms  "
+                  f"ratio {row['ratio_to_bound']:6.1f}  peak mem / state {row.get('peak_memory_over_state', float('nan')):5.1f}",
+                  flush=True)
+    aer_stopped = None
+    for n in sorted(args.qubits):
+        if n > args.aer_max_qubits or aer_stopped is not None:
+            reason = (f"N > --aer-max-qubits {args.aer_max_qubits}" if n > args.aer_max_qubits
+                      else f"a step at N={aer_stopped} took longer than --aer-max-seconds {args.aer_max_seconds}")
+            results.append({"backend": "aer_statevector_param_shift", "n_qubits": n, "depth": args.depth,
+                            "ansatz": args.ansatz, "status": "not run", "reason": reason})
+            print(f"aer N={n:2d} not run ({reason})", flush=True)
+            continue
+        row = aer_row(n, args)
+        row["status"] = "run"
+        results.append(row)
+        print(f"aer   N={n:2d} fwd+param-shift {row['fwd_bwd_s_median']:.3f} s ({row['circuits_per_step']} circuits)", flush=True)
+        if row["fwd_bwd_s_min"] > args.aer_max_seconds:
+            aer_stopped = n
+
+    speedups = []
+    for aer in (r for r in results if r["backend"] == "aer_statevector_param_shift" and r["status"] == "run"):
+        for r in results:
+            if r["backend"] == "torch_statevector" and r["n_qubits"] == aer["n_qubits"]:
+                speedups.append({"n_qubits": aer["n_qubits"], "dtype": r["dtype"],
+                                 "speedup_vs_aer": aer["fwd_bwd_s_median"] / r["fwd_bwd_s_median"]})
+
+    import qiskit
+    import qiskit_aer
+
+    machine["loadavg_end"] = list(os.getloadavg())
+    payload = {
+        "meta": {
+            "command": "python benchmarks/bench_simulator.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": machine, "qiskit": qiskit.__version__, "qiskit_aer": qiskit_aer.__version__,
+            "args": {k: v for k, v in vars(args).items() if k not in ("plot_only", "memory_probe")},
+            "copy_bandwidth_bytes_per_s": bw,
+            "timed": "a = angles.requires_grad_(); (sim(a) * w).sum().backward(); median over repeats",
+            "memory": "peak RSS increase during one fwd+bwd after a warm-up, fresh subprocess, "
+                      "MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset via /proc/self/clear_refs",
+            "bound": "minimal_bytes = (5L+5) * state_bytes (per layer fwd R+W, bwd 3 transfers; squaring 2+3); "
+                     "bound_s = minimal_bytes / copy bandwidth (read+write bytes per second of a large copy)",
+            "total_s": time.perf_counter() - t_start,
+        },
+        "results": results,
+        "speedups_vs_aer": speedups,
+    }
+    json_path = out / f"{args.name}.json"
+    json_path.write_text(json.dumps(payload, indent=1))
+    plot(payload, out / f"{args.name}.png")
+    print(f"wrote {json_path} and {args.name}.png in {payload['meta']['total_s']:.0f} s")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
