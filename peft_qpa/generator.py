@@ -248,9 +248,8 @@ class QPAGenerator(nn.Module):
         (in which case it is made fresh first)."""
         if getattr(self, "_live", None) is not None:
             return self._live
-        if self._needs_grad():  # a layer called outside a whole-model forward
-            self._live = self.split(self.generate())
-            return self._live
+        if self._needs_grad():  # a layer called on its own, outside a whole-model forward: no caching
+            return self.split(self.generate())
         self.refresh_snapshot()
         return None
 
