@@ -1,0 +1,94 @@
+"""Smoke tests of the benchmark scripts: each main() runs with tiny settings into a temporary folder and
+writes a JSON with the documented schema and a plot. No timing is asserted."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_simulator  # noqa: E402
+import bench_step  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_machine(meta):
+    machine = meta["machine"]
+    assert machine["torch_threads"] == 1
+    assert len(machine["loadavg_start"]) == 3 and len(machine["loadavg_end"]) == 3
+    assert isinstance(machine["cpu_model"], str) and machine["cpu_count"] >= 1
+    assert meta["command"].startswith("python benchmarks/")
+    assert meta["total_s"] > 0
+
+
+def test_bench_simulator_schema(tmp_path):
+    bench_simulator.main(["--qubits", "3", "4", "--dtypes", "float32", "--repeats", "1", "--warmup", "0",
+                          "--aer-max-qubits", "3", "--aer-repeats", "1", "--copy-mib", "4", "--no-memory",
+                          "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "bench_simulator.json").read_text())
+    assert (tmp_path / "bench_simulator.png").stat().st_size > 0
+    meta = payload["meta"]
+    _check_machine(meta)
+    assert meta["copy_bandwidth_bytes_per_s"] > 0
+    rows = payload["results"]
+    torch_rows = [r for r in rows if r["backend"] == "torch_statevector"]
+    assert [r["n_qubits"] for r in torch_rows] == [3, 4]
+    for r in torch_rows:
+        assert r["dtype"] == "float32" and r["depth"] == 8
+        assert r["fwd_bwd_s_median"] > 0 and r["fwd_s_median"] > 0
+        assert r["state_bytes"] == 4 * 2 ** r["n_qubits"]
+        assert r["minimal_bytes"] == (5 * 8 + 5) * r["state_bytes"]
+        assert r["implementation_bytes"] >= r["minimal_bytes"]
+        assert r["ratio_to_bound"] == pytest.approx(r["fwd_bwd_s_median"] / r["bound_s"])
+    aer = {r["n_qubits"]: r for r in rows if r["backend"] == "aer_statevector_param_shift"}
+    assert aer[3]["status"] == "run" and aer[3]["circuits_per_step"] == 2 * 8 * 3 + 1
+    assert aer[4]["status"] == "not run" and "fwd_bwd_s_median" not in aer[4]  # nothing extrapolated
+    assert [s["n_qubits"] for s in payload["speedups_vs_aer"]] == [3]
+    # the plot can be redrawn from the JSON alone
+    bench_simulator.main(["--plot-only", str(tmp_path / "bench_simulator.json")])
+
+
+def test_peak_rss_delta_sees_an_allocation():
+    import torch
+
+    held = []
+    delta = bench_simulator.peak_rss_delta(lambda: held.append(torch.ones(8 * 2**20)))  # 32 MiB, touched
+    if delta is None:
+        pytest.skip("/proc/self/clear_refs not available")
+    assert delta >= 16 * 2**20
+
+
+def test_bench_step_schema(tmp_path):
+    bench_step.main(["--layers", "1", "--chunk-sizes", "64", "--seq", "8", "--steps", "1", "--warmup", "0",
+                     "--eval-repeats", "1", "--no-memory", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "bench_step.json").read_text())
+    assert (tmp_path / "bench_step.png").stat().st_size > 0
+    _check_machine(payload["meta"])
+    assert payload["meta"]["model"]["hidden_size"] == 576 and payload["meta"]["model"]["num_hidden_layers"] == 1
+    variants = payload["variants"]
+    assert list(variants) == ["lora", "qpa_c64"]
+    lora, qpa = variants["lora"], variants["qpa_c64"]
+    for v in (lora, qpa):
+        assert v["step_s_median"] > 0 and v["optimizer_state_bytes"] > 0 and v["trainable_params"] > 0
+    assert qpa["generated_numbers_M"] == lora["trainable_params"]
+    assert qpa["chunk_size"] == 64 and qpa["n_qubits"] >= 1
+    assert "overhead_vs_lora" in qpa and qpa["generator_fwd_bwd_s"] > 0
+    profile = payload["profile"]
+    assert profile["variant"] == "qpa_c64" and profile["top_ops"] and profile["generator_forward_cpu_s"] > 0
+    forward = payload["eval"]["forward_s_median"]
+    for key in ("base", "lora (adapter)", "qpa_c64 (adapter)", "lora merged", "qpa_c64 merged", "base (merged round)"):
+        assert forward[key] > 0
+    assert set(payload["eval"]["merged_vs_unmerged_logits_max_abs_diff"]) == {"lora", "qpa_c64"}
