@@ -1,8 +1,11 @@
 """The exact torch statevector simulator: forward+backward time, peak memory and a bandwidth bound.
 
-For every N (default 8, 10, ..., 20) and dtype it builds ``build_ansatz(N, L)`` and times
-``p = StatevectorSimulator(circuit)(angles); (p * w).sum().backward()`` (median over ``--repeats``
-after ``--warmup``). Aer statevector with its one-job parameter-shift gradient
+For every N (default 8, 10, ..., 20), dtype and gradient mode (``--gradients``, default both
+``autograd`` and ``adjoint``) it builds ``build_ansatz(N, L)`` and times
+``p = StatevectorSimulator(circuit, gradient=mode)(angles); (p * w).sum().backward()`` (median over
+``--repeats`` after ``--warmup``). ``autograd`` keeps the input of every block matmul; ``adjoint``
+keeps only the final state and reconstructs the earlier ones in the backward sweep (see
+``peft_qpa/simulator.py``); ``gradient="auto"``, the simulator's default, picks one of the two by N. Aer statevector with its one-job parameter-shift gradient
 (``peft_qpa.aer.AerProbabilities``, 2P+1 circuits) is timed the same way up to ``--aer-max-qubits``
 and while one Aer step stays under ``--aer-max-seconds``; larger N are recorded as ``"not run"``
 (nothing is extrapolated).
@@ -19,9 +22,9 @@ copy bandwidth (``dst.copy_(src)`` of a ``--copy-mib`` tensor, read+write bytes 
 means: every layer (a rotation on every qubit and the CNOT chain, fused) reads and writes the state
 once in the forward pass; the backward pass per layer reads the incoming gradient and the saved layer
 input and writes the outgoing gradient (3 transfers); the final squaring costs 2 forward and 3
-backward transfers. Total (5L + 5) state-sized transfers. The benchmark also reports the bytes of the
-passes this implementation actually makes (one read+write per Kronecker block matmul and per
-permutation, plus the int64 index reads) against the same bandwidth.
+backward transfers. Total (5L + 5) state-sized transfers, the same bound for both gradient modes. The
+benchmark also reports the bytes of the passes each mode actually makes (one read+write per Kronecker
+block matmul and per permutation, plus the int64 index reads) against the same bandwidth.
 
 Example (the command used for docs/performance.md):
 
@@ -141,26 +144,33 @@ def minimal_transfers(depth: int) -> int:
     return (2 * depth + 2) + (3 * depth + 3)
 
 
-def implementation_bytes(sim: StatevectorSimulator, amp_bytes: int) -> int:
-    """Bytes the implemented passes move (forward + autograd backward), from the simulator's stages.
+def implementation_bytes(sim: StatevectorSimulator, amp_bytes: int, gradient: str = "autograd") -> int:
+    """Bytes the implemented passes move (forward + backward), from the simulator's stages.
 
-    Rotation block matmul y = B x: forward R x + W y; backward R g + W grad_x (grad_x = B^T g) and
-    R g + R x (grad_B = g x^T). Permutation: R state + R int64 index + W, both ways. A first full layer
-    on |0...0> is the product state: W once, backward R g once. Squaring: 2 forward, 3 backward."""
+    autograd: rotation block matmul y = B x: forward R x + W y; backward R g + W grad_x
+    (grad_x = B^T g) and R g + R x (grad_B = g x^T). Permutation: R state + R int64 index + W, both
+    ways. A first full layer on |0...0> is the product state: W once, backward R g once. Squaring:
+    2 forward, 3 backward.
+
+    adjoint: block forward R x + W y; backward R y + W x (x = B^T y), R λ + W λ_x and R λ + R y
+    (grad_B = (λ y^T) B). Permutation: forward once, backward twice (state and λ). First layer: W once,
+    backward R λ twice (the column gradients and λ contracted with each column). Squaring: 2 forward;
+    backward R g + R ψ + W λ and the in-place doubling R λ + W λ."""
     size = 2**sim.n_qubits
     state = size * amp_bytes
     index = size * 8
+    adjoint = gradient == "adjoint"
     total = 0
     for i, stage in enumerate(sim._stages):
         if isinstance(stage, _PermutationStage):
-            total += 2 * (2 * state + index)
+            total += (3 if adjoint else 2) * (2 * state + index)
         elif i == 0 and stage.full:
-            total += 2 * state
+            total += (3 if adjoint else 2) * state
         else:
-            total += len(stage.blocks) * 6 * state
+            total += len(stage.blocks) * (8 if adjoint else 6) * state
     # squaring: forward reads the state and writes real probabilities; backward reads their gradient and
     # the state and writes the state's gradient (counted as state-sized transfers)
-    total += 5 * state
+    total += (7 if adjoint else 5) * state
     return total
 
 
@@ -169,10 +179,10 @@ def implementation_bytes(sim: StatevectorSimulator, amp_bytes: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def torch_row(n: int, dtype_name: str, args) -> dict:
+def torch_row(n: int, dtype_name: str, gradient: str, args) -> dict:
     circuit = build_ansatz(n, args.depth, args.ansatz)
     t0 = time.perf_counter()
-    sim = StatevectorSimulator(circuit)
+    sim = StatevectorSimulator(circuit, gradient=gradient)
     setup_s = time.perf_counter() - t0
     dtype = DTYPES[dtype_name]
     angles = (torch.rand(circuit.num_parameters, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -192,11 +202,11 @@ def torch_row(n: int, dtype_name: str, args) -> dict:
     amp_bytes = torch.empty((), dtype=dtype).element_size() * (2 if sim.is_complex else 1)
     state_bytes = 2**n * amp_bytes
     return {
-        "backend": "torch_statevector", "n_qubits": n, "depth": args.depth, "ansatz": args.ansatz,
-        "dtype": dtype_name, "n_angles": circuit.num_parameters, "setup_s": setup_s,
+        "backend": "torch_statevector", "gradient": gradient, "n_qubits": n, "depth": args.depth,
+        "ansatz": args.ansatz, "dtype": dtype_name, "n_angles": circuit.num_parameters, "setup_s": setup_s,
         "fwd_bwd_s_median": med, "fwd_bwd_s_min": best, "fwd_bwd_s_all": times, "fwd_s_median": fwd_med,
         "state_bytes": state_bytes, "minimal_bytes": minimal_transfers(args.depth) * state_bytes,
-        "implementation_bytes": implementation_bytes(sim, amp_bytes),
+        "implementation_bytes": implementation_bytes(sim, amp_bytes, gradient),
     }
 
 
@@ -232,13 +242,14 @@ def aer_row(n: int, args) -> dict:
 
 
 def memory_probe(args) -> dict:
-    """(subprocess) peak RSS increase of one forward+backward after a warm-up one, per (N, dtype)."""
-    return {f"{n}/{d}": one_memory_probe(n, d, args) for n in sorted(args.qubits) for d in args.dtypes}
+    """(subprocess) peak RSS increase of one forward+backward after a warm-up one, per (N, dtype, gradient)."""
+    return {f"{n}/{d}/{g}": one_memory_probe(n, d, g, args)
+            for n in sorted(args.qubits) for d in args.dtypes for g in args.gradients}
 
 
-def one_memory_probe(n: int, dtype_name: str, args) -> int | None:
+def one_memory_probe(n: int, dtype_name: str, gradient: str, args) -> int | None:
     circuit = build_ansatz(n, args.depth, args.ansatz)
-    sim = StatevectorSimulator(circuit)
+    sim = StatevectorSimulator(circuit, gradient=gradient)
     dtype = DTYPES[dtype_name]
     angles = (torch.rand(circuit.num_parameters, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
               * 2 * math.pi).to(dtype)
@@ -266,20 +277,26 @@ def plot(payload: dict, path: Path) -> None:
     rows = payload["results"]
     bw = payload["meta"]["copy_bandwidth_bytes_per_s"]
     fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(13, 5))
-    for dtype_name, color in (("float32", "C0"), ("float64", "C1")):
-        sel = sorted((r for r in rows if r["backend"] == "torch_statevector" and r["dtype"] == dtype_name),
-                     key=lambda r: r["n_qubits"])
+    for (dtype_name, color), (gradient, marker) in [(d, g) for d in (("float32", "C0"), ("float64", "C1"))
+                                                    for g in (("autograd", "o"), ("adjoint", "^"))]:
+        sel = sorted((r for r in rows if r["backend"] == "torch_statevector" and r["dtype"] == dtype_name
+                      and r.get("gradient", "autograd") == gradient), key=lambda r: r["n_qubits"])
         if not sel:
             continue
         ns = [r["n_qubits"] for r in sel]
-        ax_t.plot(ns, [r["fwd_bwd_s_median"] for r in sel], "o-", color=color, label=f"torch {dtype_name} fwd+bwd")
-        ax_t.plot(ns, [r["minimal_bytes"] / bw for r in sel], ":", color=color, label=f"bandwidth bound {dtype_name}")
-        ax_r.plot(ns, [r["ratio_to_bound"] for r in sel], "o-", color=color, label=f"time / bound ({dtype_name})")
+        line = "-" if gradient == "autograd" else "--"
+        ax_t.plot(ns, [r["fwd_bwd_s_median"] for r in sel], marker + line, color=color,
+                  label=f"torch {dtype_name} {gradient} fwd+bwd")
+        if gradient == "autograd" or not any(r.get("gradient", "autograd") == "autograd" for r in rows):
+            ax_t.plot(ns, [r["minimal_bytes"] / bw for r in sel], ":", color=color, label=f"bandwidth bound {dtype_name}")
+        ax_r.plot(ns, [r["ratio_to_bound"] for r in sel], marker + line, color=color,
+                  label=f"time / bound ({dtype_name}, {gradient})")
         # below the 64 KiB mmap threshold the allocations come from the heap: RSS does not follow them
         mem = [(r["n_qubits"], r.get("peak_memory_over_state")) for r in sel
                if r.get("peak_memory_over_state") and r["state_bytes"] >= MMAP_THRESHOLD]
         if mem:
-            ax_r.plot(*zip(*mem), "s--", color=color, label=f"peak memory / statevector ({dtype_name})")
+            ax_r.plot(*zip(*mem), marker + ":", color=color, markerfacecolor="none",
+                      label=f"peak memory / statevector ({dtype_name}, {gradient})")
     aer = sorted((r for r in rows if r["backend"] == "aer_statevector_param_shift" and "fwd_bwd_s_median" in r),
                  key=lambda r: r["n_qubits"])
     if aer:
@@ -307,6 +324,8 @@ def main(argv=None):
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--ansatz", default="ry_cnot", choices=["ry_cnot", "rx_cnot"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=list(DTYPES))
+    parser.add_argument("--gradients", nargs="+", default=["autograd", "adjoint"], choices=["autograd", "adjoint"],
+                        help="StatevectorSimulator(gradient=...) modes to measure")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--aer-max-qubits", type=int, default=16, help="largest N timed on Aer")
@@ -338,28 +357,30 @@ def main(argv=None):
     bw = copy_bandwidth(args.copy_mib)
     print(f"copy bandwidth ({args.copy_mib} MiB tensor): {bw / 1e9:.1f} GB/s (read+write)", flush=True)
     probe = {}
-    if not args.no_memory:  # one fresh subprocess measures every (N, dtype), before the timings
+    if not args.no_memory:  # one fresh subprocess measures every (N, dtype, gradient), before the timings
         probe = run_memory_probe(Path(__file__), ["--memory-probe", "--qubits", *map(str, args.qubits),
-                                                  "--dtypes", *args.dtypes, "--depth", str(args.depth),
+                                                  "--dtypes", *args.dtypes, "--gradients", *args.gradients,
+                                                  "--depth", str(args.depth),
                                                   "--ansatz", args.ansatz, "--threads", str(args.threads)])
         if "error" in probe:
             print("memory probe failed:", probe["error"], flush=True)
     results = []
     for n in sorted(args.qubits):
         for dtype_name in args.dtypes:
-            row = torch_row(n, dtype_name, args)
-            row["bound_s"] = row["minimal_bytes"] / bw
-            row["ratio_to_bound"] = row["fwd_bwd_s_median"] / row["bound_s"]
-            row["implementation_bytes_s"] = row["implementation_bytes"] / bw
-            if not args.no_memory:
-                row["peak_memory_bytes"] = probe.get(f"{n}/{dtype_name}")
-                if row["peak_memory_bytes"]:
-                    row["peak_memory_over_state"] = row["peak_memory_bytes"] / row["state_bytes"]
-            results.append(row)
-            print(f"torch {dtype_name} N={n:2d} fwd+bwd {row['fwd_bwd_s_median'] * 1e3:9.2f} ms  "
-                  f"(fwd {row['fwd_s_median'] * 1e3:8.2f} ms)  bound {row['bound_s'] * 1e3:8.2f} ms  "
-                  f"ratio {row['ratio_to_bound']:6.1f}  peak mem / state {row.get('peak_memory_over_state', float('nan')):5.1f}",
-                  flush=True)
+            for gradient in args.gradients:
+                row = torch_row(n, dtype_name, gradient, args)
+                row["bound_s"] = row["minimal_bytes"] / bw
+                row["ratio_to_bound"] = row["fwd_bwd_s_median"] / row["bound_s"]
+                row["implementation_bytes_s"] = row["implementation_bytes"] / bw
+                if not args.no_memory:
+                    row["peak_memory_bytes"] = probe.get(f"{n}/{dtype_name}/{gradient}")
+                    if row["peak_memory_bytes"]:
+                        row["peak_memory_over_state"] = row["peak_memory_bytes"] / row["state_bytes"]
+                results.append(row)
+                print(f"torch {dtype_name} {gradient:8s} N={n:2d} fwd+bwd {row['fwd_bwd_s_median'] * 1e3:9.2f} ms  "
+                      f"(fwd {row['fwd_s_median'] * 1e3:8.2f} ms)  bound {row['bound_s'] * 1e3:8.2f} ms  "
+                      f"ratio {row['ratio_to_bound']:6.1f}  "
+                      f"peak mem / state {row.get('peak_memory_over_state', float('nan')):5.1f}", flush=True)
     aer_stopped = None
     for n in sorted(args.qubits):
         if n > args.aer_max_qubits or aer_stopped is not None:
@@ -380,7 +401,7 @@ def main(argv=None):
     for aer in (r for r in results if r["backend"] == "aer_statevector_param_shift" and r["status"] == "run"):
         for r in results:
             if r["backend"] == "torch_statevector" and r["n_qubits"] == aer["n_qubits"]:
-                speedups.append({"n_qubits": aer["n_qubits"], "dtype": r["dtype"],
+                speedups.append({"n_qubits": aer["n_qubits"], "dtype": r["dtype"], "gradient": r["gradient"],
                                  "speedup_vs_aer": aer["fwd_bwd_s_median"] / r["fwd_bwd_s_median"]})
 
     import qiskit
@@ -393,7 +414,8 @@ def main(argv=None):
             "machine": machine, "qiskit": qiskit.__version__, "qiskit_aer": qiskit_aer.__version__,
             "args": {k: v for k, v in vars(args).items() if k not in ("plot_only", "memory_probe")},
             "copy_bandwidth_bytes_per_s": bw,
-            "timed": "a = angles.requires_grad_(); (sim(a) * w).sum().backward(); median over repeats",
+            "timed": "sim = StatevectorSimulator(circuit, gradient=row['gradient']); "
+                     "a = angles.requires_grad_(); (sim(a) * w).sum().backward(); median over repeats",
             "memory": "peak RSS increase during one fwd+bwd after a warm-up, fresh subprocess, "
                       "MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset via /proc/self/clear_refs",
             "bound": "minimal_bytes = (5L+5) * state_bytes (per layer fwd R+W, bwd 3 transfers; squaring 2+3); "

@@ -9,7 +9,18 @@ It compiles the list once into stages:
 * a run of CNOTs is one fixed permutation of basis indices, applied as one gather.
 
 RY and CNOT keep amplitudes real, so an RY-only circuit runs in a real dtype; RX needs complex
-amplitudes. Everything is differentiable by autograd, on CPU and CUDA.
+amplitudes. Everything is differentiable, on CPU and CUDA, in one of two ways (``gradient=``):
+
+* ``"autograd"``: torch autograd through every block matmul and permutation. It keeps the input of
+  every block pass, about L * ceil(N / GROUP_QUBITS) + a few states (~33 states at N = 20, L = 8).
+* ``"adjoint"`` (real-amplitude, i.e. RY + CNOT, circuits only): one :class:`torch.autograd.Function`
+  over the whole simulation (:class:`_AdjointProbabilities`). The forward runs the same operations under
+  ``no_grad`` (identical results) and keeps only the final state; the backward sweeps the stages in
+  reverse, reconstructing each stage's input from its output (an orthogonal block B is undone by B^T,
+  a permutation by its inverse), and needs ~4 states at any depth, for one extra matmul per block.
+* ``"auto"`` (default): adjoint for real-amplitude circuits of at least ``ADJOINT_MIN_QUBITS`` qubits
+  (currently every size), autograd otherwise (RX circuits always use autograd). The adjoint backward is
+  first-order only (``once_differentiable``); use ``"autograd"`` for double backward.
 """
 
 from __future__ import annotations
@@ -24,6 +35,13 @@ from .circuit import circuit_program
 
 # Qubits per Kronecker block: a 2^5 x 2^5 matrix keeps the matmul cheap while cutting passes 5-fold.
 GROUP_QUBITS = 5
+
+# gradient="auto" uses the adjoint backward for real-amplitude circuits from this many qubits on.
+# Measured (docs/performance.md, 1 thread, L = 8): adjoint is faster than autograd up to N = 16 and
+# within ~1.3x at N = 18-20, with ~4 states of peak memory instead of ~33, so it is used at every N.
+ADJOINT_MIN_QUBITS = 1
+
+GRADIENT_MODES = ("auto", "adjoint", "autograd")
 
 
 @dataclass
@@ -85,14 +103,27 @@ class StatevectorSimulator(torch.nn.Module):
     ``forward(angles)`` takes the circuit's parameter values in index order (``θ[0]``, ``θ[1]``, ...)
     and returns the 2^N basis-state probabilities in Qiskit's little-endian order. The module has no
     parameters; its permutation buffers follow ``.to(device)``.
+
+    ``gradient`` picks the backward pass (see the module docstring): ``"auto"`` (adjoint for RY + CNOT
+    circuits with N >= ADJOINT_MIN_QUBITS, autograd otherwise), ``"adjoint"`` (RY + CNOT only) or
+    ``"autograd"``. The forward values are the same in every mode.
     """
 
-    def __init__(self, circuit: QuantumCircuit):
+    def __init__(self, circuit: QuantumCircuit, gradient: str = "auto"):
         super().__init__()
+        if gradient not in GRADIENT_MODES:
+            raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
         self.n_qubits = circuit.num_qubits
         self.num_parameters = circuit.num_parameters
         program = circuit_program(circuit)
         self.is_complex = any(g.name == "rx" for g in program)
+        if gradient == "adjoint" and self.is_complex:
+            raise ValueError("gradient='adjoint' supports real-amplitude (RY + CNOT) circuits only; "
+                             "this circuit has RX rotations (use 'auto' or 'autograd').")
+        self.gradient = gradient
+        # The backward this module actually runs for differentiable angles.
+        self.use_adjoint = not self.is_complex and (
+            gradient == "adjoint" or (gradient == "auto" and self.n_qubits >= ADJOINT_MIN_QUBITS))
         self._stages: list = []
         n_perm = 0
         i = 0
@@ -163,23 +194,45 @@ class StatevectorSimulator(torch.nn.Module):
         view = state.reshape(2 ** (self.n_qubits - low - k), 2**k, 2**low)
         return torch.matmul(block, view).reshape(-1)
 
-    def statevector(self, angles: torch.Tensor) -> torch.Tensor:
-        """The final state (real for RY-only circuits, complex otherwise), length 2^N."""
+    def _first_columns(self, stage: _RotationStage, angles: torch.Tensor, dtype) -> list[torch.Tensor]:
+        """First column of each block of a first full layer (the block applied to |0...0>)."""
+        return [self._kron(_rotation_matrices(stage.gate, angles[idx]).to(dtype)[:, :, :1])[:, 0]
+                for idx in stage.blocks]
+
+    def _stage_blocks(self, stage: _RotationStage, angles: torch.Tensor, dtype) -> list[torch.Tensor]:
+        return [self._kron(_rotation_matrices(stage.gate, angles[idx]).to(dtype)) for idx in stage.blocks]
+
+    def _check(self, angles: torch.Tensor) -> None:
         if angles.shape != (self.num_parameters,):
             raise ValueError(f"Expected {self.num_parameters} angles, got shape {tuple(angles.shape)}.")
-        dtype = angles.dtype
+
+    def _dtype(self, angles: torch.Tensor):
         if self.is_complex:
-            dtype = torch.complex128 if angles.dtype == torch.float64 else torch.complex64
+            return torch.complex128 if angles.dtype == torch.float64 else torch.complex64
+        return angles.dtype
+
+    def _starts_with_product_state(self) -> bool:
+        first = self._stages[0] if self._stages else None
+        return isinstance(first, _RotationStage) and first.full
+
+    def statevector(self, angles: torch.Tensor, _as_if_grad: bool = False) -> torch.Tensor:
+        """The final state (real for RY-only circuits, complex otherwise), length 2^N (autograd path).
+
+        ``_as_if_grad`` (used by the adjoint forward, which runs under ``no_grad``): make the partial-layer
+        block matmuls take the code path they take when the block requires grad. ``torch.matmul`` of a
+        2-D block with a 3-D view folds the batch into one matmul only when the block does not require
+        grad, which rounds differently; with this flag the adjoint forward is bit-identical to the
+        autograd forward. (Full layers use ``torch.mm`` and are the same either way.)"""
+        self._check(angles)
+        dtype = self._dtype(angles)
         stages = self._stages
-        first = stages[0] if stages else None
-        if isinstance(first, _RotationStage) and first.full:
+        if self._starts_with_product_state():
             # The first layer acts on |0...0>: the result is the product state, a Kronecker product of
             # each block's first column, built without touching a 2^N zero vector (no matmuls, and
             # no backward through them). Each amplitude is the same product, in the same order, as
             # the block matmuls would form (the other terms they add are exact zeros).
             state = None
-            for idx in first.blocks:
-                column = self._kron(_rotation_matrices(first.gate, angles[idx]).to(dtype)[:, :, :1])[:, 0]
+            for column in self._first_columns(stages[0], angles, dtype):
                 state = column if state is None else torch.outer(column, state).reshape(-1)
             stages = stages[1:]
         else:
@@ -189,16 +242,166 @@ class StatevectorSimulator(torch.nn.Module):
             if isinstance(stage, _PermutationStage):
                 state = _Permute.apply(state, getattr(self, stage.index), getattr(self, stage.inverse))
                 continue
-            blocks = [self._kron(_rotation_matrices(stage.gate, angles[idx]).to(dtype)) for idx in stage.blocks]
+            blocks = self._stage_blocks(stage, angles, dtype)
             if stage.full:
                 state = self._apply_full_layer(state, blocks)
             else:
                 for low, block in zip(stage.lows, blocks):
+                    if _as_if_grad and not block.requires_grad:
+                        block = block.detach().requires_grad_(True)  # under no_grad: no graph is recorded
                     state = self._apply_block(state, low, block)
         return state
 
     def forward(self, angles: torch.Tensor) -> torch.Tensor:
+        if self.use_adjoint and torch.is_grad_enabled() and angles.requires_grad:
+            self._check(angles)
+            return _AdjointProbabilities.apply(angles, self)
         state = self.statevector(angles)
         if self.is_complex:
             return state.real.square() + state.imag.square()
         return state.square()
+
+    # ----------------------------------------------------------------------------------------------
+    # Adjoint backward (real amplitudes)
+    # ----------------------------------------------------------------------------------------------
+
+    def _adjoint_backward(self, angles: torch.Tensor, buffers: list) -> torch.Tensor:
+        """dL/dangles from the final state and dL/dstate, sweeping the stages backwards.
+
+        At every stage ``y = S(x)`` the sweep holds y and λ = dL/dy, reconstructs x = S^-1(y) and sets
+        λ <- S^T λ; for a rotation block it also forms dL/dB (2^k x 2^k). The small gradients of all
+        blocks (and of the first layer's product-state columns) are then turned into angle gradients in
+        a few batched ops (:func:`_kron_angle_grads`). ``buffers`` is ``[final state, dL/dstate]``; the
+        list is emptied so that, when the caller holds no other reference, each state is released as
+        soon as the sweep is past it."""
+        dtype = angles.dtype
+        stages = self._stages
+        product_start = self._starts_with_product_state()
+        block_grads = []  # (angle indices, dL/dB, is a first-layer column)
+        y, lam = buffers.pop(0), buffers.pop(0)
+        with torch.no_grad():
+            for i in range(len(stages) - 1, 0 if product_start else -1, -1):
+                stage = stages[i]
+                if isinstance(stage, _PermutationStage):
+                    inverse = getattr(self, stage.inverse)
+                    # forward: y = x[perm]  =>  x = y[inv], dL/dx = λ[inv]
+                    x = torch.index_select(y, 0, inverse)
+                    del y
+                    lam_x = torch.index_select(lam, 0, inverse)
+                    del lam
+                    y, lam = x, lam_x
+                    continue
+                blocks = self._stage_blocks(stage, angles, dtype)
+                for j in range(len(blocks) - 1, -1, -1):
+                    block = blocks[j]
+                    d = block.shape[0]
+                    if stage.full:
+                        # forward: Y = B X^T with X = x.view(R, d), Y = y.view(d, R)
+                        y_mat, lam_mat = y.view(d, -1), lam.view(d, -1)
+                        # dL/dB = Λ X and X = Y^T B, so dL/dB = (Λ Y^T) B, without waiting for X
+                        block_grads.append((stage.blocks[j], torch.mm(torch.mm(lam_mat, y_mat.t()), block), False))
+                        x = torch.mm(y_mat.t(), block).view(-1)  # X = Y^T B
+                        del y, y_mat
+                        lam_x = torch.mm(lam_mat.t(), block).view(-1)  # dL/dX = Λ^T B
+                        del lam, lam_mat
+                    else:
+                        low = stage.lows[j]
+                        shape = (2 ** (self.n_qubits - low - len(stage.blocks[j])), d, 2**low)
+                        y_view, lam_view = y.view(shape), lam.view(shape)
+                        x = torch.matmul(block.t(), y_view)  # forward: Y[a] = B X[a]
+                        block_grads.append((stage.blocks[j], torch.tensordot(lam_view, x, dims=([0, 2], [0, 2])), False))
+                        x = x.reshape(-1)
+                        del y, y_view
+                        lam_x = torch.matmul(block.t(), lam_view).reshape(-1)
+                        del lam, lam_view
+                    y, lam = x, lam_x
+            del y
+            if product_start:
+                # state = c_m ⊗ ... ⊗ c_1 (the last block's column most significant)
+                first = stages[0]
+                columns = self._first_columns(first, angles, dtype)
+                prefixes = [columns[0]]
+                for column in columns[1:-1]:
+                    prefixes.append(torch.outer(column, prefixes[-1]).reshape(-1))
+                for j in range(len(columns) - 1, 0, -1):
+                    lam_mat = lam.view(columns[j].shape[0], -1)
+                    block_grads.append((first.blocks[j], torch.mv(lam_mat, prefixes[j - 1])[:, None], True))
+                    lam = torch.mv(lam_mat.t(), columns[j])
+                block_grads.append((first.blocks[0], lam[:, None], True))
+            del lam
+            grad = torch.zeros_like(angles)
+            groups: dict = {}
+            for idx, g, column in block_grads:
+                groups.setdefault((len(idx), column), []).append((idx, g))
+            for (_, column), items in groups.items():
+                index = torch.tensor([idx for idx, _ in items], dtype=torch.long, device=angles.device)
+                g = torch.stack([g for _, g in items])
+                grad.index_add_(0, index.reshape(-1), _kron_angle_grads(angles[index], g, column).reshape(-1))
+        return grad
+
+
+def _kron_angle_grads(angles: torch.Tensor, grads: torch.Tensor, column: bool) -> torch.Tensor:
+    """dL/dθ for a batch of RY Kronecker blocks, given dL/dB.
+
+    ``angles`` (nb, k): the angles of qubits low..low+k-1 of each block, ``grads`` (nb, 2^k, 2^k) the
+    gradients of the blocks B = RY(θ_{k-1}) ⊗ ... ⊗ RY(θ_0) (or, with ``column``, (nb, 2^k, 1): of
+    their first columns). dB/dθ_q is the same Kronecker product with RY(θ_q) replaced by its derivative
+    RY'(θ) = RY(θ + π) / 2, so dL/dθ_q = <dL/dB, dB/dθ_q>."""
+    nb, k = angles.shape
+    c, s = torch.cos(angles / 2), torch.sin(angles / 2)
+    mats = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (nb, k, 2, 2)
+    dmats = 0.5 * torch.stack([torch.stack([-s, -c], -1), torch.stack([c, -s], -1)], -2)
+    if column:
+        mats, dmats = mats[..., :1], dmats[..., :1]
+    out = []
+    for q in range(k):
+        factors = [dmats[:, j] if j == q else mats[:, j] for j in range(k)]
+        block = factors[-1]
+        for j in range(k - 2, -1, -1):  # highest qubit most significant, as in StatevectorSimulator._kron
+            a, b = block, factors[j]
+            block = (a[:, :, None, :, None] * b[:, None, :, None, :]).reshape(nb, a.shape[1] * 2, a.shape[2] * b.shape[2])
+        out.append((block * grads).sum((1, 2)))
+    return torch.stack(out, 1)
+
+
+class _AdjointProbabilities(torch.autograd.Function):
+    """Probabilities of a real-amplitude circuit with an adjoint (reverse-sweep) backward.
+
+    Forward: the same stages as :meth:`StatevectorSimulator.statevector`, under ``no_grad`` (identical
+    values), then ``state**2``. Only the angles and the final state are kept. Backward: λ = 2 ψ g and
+    :meth:`StatevectorSimulator._adjoint_backward`. Peak memory of the backward ~4 states (the incoming
+    gradient, λ and the reconstructed state with their next values), independent of the depth. Under
+    ``retain_graph=True`` (e.g. the generator's reentrant-checkpointing path) the final state stays
+    kept for the next backward: one state more."""
+
+    @staticmethod
+    def forward(ctx, angles, sim):
+        with torch.no_grad():
+            state = sim.statevector(angles, _as_if_grad=True)
+        ctx.sim = sim
+        ctx.save_for_backward(angles)
+        # The state is an internal tensor (not an output, no grad_fn): kept as an attribute so that a
+        # backward that frees the graph can drop it as soon as the sweep no longer needs it.
+        ctx.state = state
+        return state.square()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_probs):
+        (angles,) = ctx.saved_tensors
+        state = ctx.state
+        if not _graph_kept():
+            ctx.state = None  # the graph is freed after this backward: let the sweep release the state
+        lam = grad_probs * state
+        lam.mul_(2)
+        buffers = [state, lam]
+        del state, lam
+        return ctx.sim._adjoint_backward(angles, buffers), None
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True); True when it cannot be told."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):
+        return True

@@ -72,3 +72,118 @@ def test_bad_inputs():
     sim = StatevectorSimulator(build_ansatz(3, 2))
     with pytest.raises(ValueError, match="Expected 6 angles"):
         sim(torch.zeros(5))
+
+
+# --------------------------------------------------------------------------------------------------
+# Adjoint backward (gradient="adjoint") against autograd
+# --------------------------------------------------------------------------------------------------
+
+
+def _loss_and_grad(sim, angles, weights):
+    a = angles.clone().requires_grad_(True)
+    probs = sim(a)
+    (probs * weights).sum().backward()
+    return probs.detach(), a.grad
+
+
+@pytest.mark.parametrize("n_qubits, depth", [(1, 1), (1, 3), (2, 2), (5, 1), (5, 4), (7, 3), (11, 2), (11, 8)])
+def test_adjoint_gradient_matches_autograd(n_qubits, depth):
+    qc = build_ansatz(n_qubits, depth)
+    adjoint = StatevectorSimulator(qc, gradient="adjoint")
+    autograd = StatevectorSimulator(qc, gradient="autograd")
+    assert adjoint.use_adjoint and not autograd.use_adjoint
+    gen = torch.Generator().manual_seed(n_qubits * 100 + depth)
+    angles = torch.rand(qc.num_parameters, dtype=torch.float64, generator=gen) * 4 * np.pi - 2 * np.pi
+    weights = torch.randn(2**n_qubits, dtype=torch.float64, generator=gen)
+    p_adj, g_adj = _loss_and_grad(adjoint, angles, weights)
+    p_auto, g_auto = _loss_and_grad(autograd, angles, weights)
+    assert torch.equal(p_adj, p_auto)  # the forward is the same computation
+    torch.testing.assert_close(g_adj, g_auto, rtol=1e-10, atol=1e-12 * float(g_auto.abs().max()))
+
+
+def test_adjoint_forward_bit_identical_float32():
+    qc = build_ansatz(9, 5)
+    angles = torch.rand(qc.num_parameters, generator=torch.Generator().manual_seed(3)) * 6
+    weights = torch.randn(2**9, generator=torch.Generator().manual_seed(4))
+    p_adj, g_adj = _loss_and_grad(StatevectorSimulator(qc, gradient="adjoint"), angles, weights)
+    p_auto, g_auto = _loss_and_grad(StatevectorSimulator(qc, gradient="autograd"), angles, weights)
+    assert p_adj.dtype == torch.float32 and torch.equal(p_adj, p_auto)
+    torch.testing.assert_close(g_adj, g_auto, rtol=1e-4, atol=1e-5 * float(g_auto.abs().max()))
+
+
+def test_adjoint_gradcheck():
+    qc = build_ansatz(4, 3)
+    sim = StatevectorSimulator(qc, gradient="adjoint")
+    weights = torch.linspace(-1, 1, 16, dtype=torch.float64)
+    angles = torch.rand(qc.num_parameters, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 6
+    assert torch.autograd.gradcheck(lambda a: (sim(a) * weights).sum(), (angles.clone().requires_grad_(),),
+                                    eps=1e-6, atol=1e-7)
+    # the full Jacobian of the probabilities, not only one weighted sum
+    assert torch.autograd.gradcheck(sim, (angles.clone().requires_grad_(),), eps=1e-6, atol=1e-7)
+
+
+def test_adjoint_partial_layers_and_cnots_first():
+    """A circuit that is not build_ansatz: CNOTs before any rotation, rotations on some qubits only
+    (partial-layer blocks), a shared parameter. Forward bit-identical to autograd, gradients equal."""
+    from qiskit import QuantumCircuit
+    from qiskit.circuit import ParameterVector
+
+    theta = ParameterVector("θ", 6)
+    qc = QuantumCircuit(7)
+    qc.ry(theta[5], 6)  # no full first layer: the simulation starts from |0...0>
+    qc.cx(6, 0)
+    for q, p in [(0, 0), (1, 1), (3, 2), (4, 3)]:
+        qc.ry(theta[p], q)
+    qc.cx(1, 2)
+    qc.cx(4, 5)
+    for q in range(7):
+        qc.ry(theta[q % 5], q)  # full layer reusing parameters
+    qc.cx(0, 3)
+    qc.ry(theta[4], 2)
+    angles = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 6
+    weights = torch.randn(2**7, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    p_adj, g_adj = _loss_and_grad(StatevectorSimulator(qc, gradient="adjoint"), angles, weights)
+    p_auto, g_auto = _loss_and_grad(StatevectorSimulator(qc, gradient="autograd"), angles, weights)
+    assert torch.equal(p_adj, p_auto)
+    torch.testing.assert_close(g_adj, g_auto, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(p_adj.numpy(), qiskit_probabilities(qc, angles.numpy()), atol=1e-12)
+
+
+def test_adjoint_second_call_and_retain_graph():
+    qc = build_ansatz(6, 3)
+    sim = StatevectorSimulator(qc, gradient="adjoint")
+    angles = torch.rand(qc.num_parameters, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 6
+    weights = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    p1, g1 = _loss_and_grad(sim, angles, weights)
+    p2, g2 = _loss_and_grad(sim, angles, weights)  # the module keeps no state between calls
+    assert torch.equal(p1, p2) and torch.equal(g1, g2)
+    # a graph kept with retain_graph (the generator's reentrant-checkpointing path) can be backwarded again
+    a = angles.clone().requires_grad_(True)
+    loss = (sim(a) * weights).sum()
+    (first,) = torch.autograd.grad(loss, a, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, a)
+    assert torch.equal(first, g1) and torch.equal(second, g1)
+
+
+def test_adjoint_without_grad():
+    qc = build_ansatz(5, 2)
+    sim = StatevectorSimulator(qc, gradient="adjoint")
+    reference = StatevectorSimulator(qc, gradient="autograd")
+    angles = torch.rand(qc.num_parameters, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 6
+    probs = sim(angles)  # angles do not require grad
+    assert not probs.requires_grad
+    assert torch.equal(probs, reference(angles))
+    with torch.no_grad():
+        assert torch.equal(sim(angles.clone().requires_grad_(True)), probs)
+
+
+def test_gradient_modes():
+    ry, rx = build_ansatz(3, 2), build_ansatz(3, 2, "rx_cnot")
+    assert StatevectorSimulator(ry).gradient == "auto"
+    assert StatevectorSimulator(ry).use_adjoint  # the default for real-amplitude circuits
+    assert not StatevectorSimulator(rx).use_adjoint  # complex amplitudes: autograd
+    assert not StatevectorSimulator(ry, gradient="autograd").use_adjoint
+    with pytest.raises(ValueError, match="real-amplitude"):
+        StatevectorSimulator(rx, gradient="adjoint")
+    with pytest.raises(ValueError, match="gradient must be one of"):
+        StatevectorSimulator(ry, gradient="parameter_shift")
