@@ -15,7 +15,7 @@ from peft.utils import PeftType
 import peft_qpa
 from peft_qpa.layer import QPALayer
 
-from tiny_models import MODEL_FACTORIES, TARGETS, small_config
+from tiny_models import MODEL_FACTORIES, TARGETS, small_config, train_steps
 
 
 def adapted(arch, **overrides):
@@ -26,20 +26,6 @@ def adapted(arch, **overrides):
 def logits(model, input_ids):
     with torch.no_grad():
         return model(input_ids).logits
-
-
-def train_steps(model, input_ids, steps=8, lr=1e-2):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids, labels=input_ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 # --- registration -----------------------------------------------------------------------------------------

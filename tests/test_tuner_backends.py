@@ -8,25 +8,11 @@ from peft import PeftModel, get_peft_model
 
 import peft_qpa
 
-from tiny_models import MODEL_FACTORIES, small_config
+from tiny_models import MODEL_FACTORIES, small_config, train_steps as train
 
 
 def adapted(**overrides):
     return get_peft_model(MODEL_FACTORIES["llama"](), small_config("llama", **overrides))
-
-
-def train(model, input_ids, steps, lr=1e-2):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids, labels=input_ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 def test_aer_statevector_matches_the_torch_backend(input_ids):

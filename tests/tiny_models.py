@@ -37,3 +37,18 @@ def small_config(arch: str, **overrides):
                   mapping_hidden_sizes=[16, 16], seed=0)
     kwargs.update(overrides)
     return peft_qpa.QPAConfig(**kwargs)
+
+
+def train_steps(model, input_ids, steps=8, lr=1e-2):
+    """A few AdamW steps on one batch (language-model loss); returns the losses and leaves the model in eval."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
