@@ -179,11 +179,19 @@ def implementation_bytes(sim: StatevectorSimulator, amp_bytes: int, gradient: st
 # --------------------------------------------------------------------------------------------------
 
 
-def torch_row(n: int, dtype_name: str, gradient: str, args) -> dict:
+def write_results(payload: dict, out: Path, name: str, plot_fn) -> dict:
+    """Write ``<name>.json`` and its plot ``<name>.png`` into ``out``."""
+    json_path = out / f"{name}.json"
+    json_path.write_text(json.dumps(payload, indent=1))
+    plot_fn(payload, out / f"{name}.png")
+    print(f"wrote {json_path} and {name}.png in {payload['meta']['total_s']:.0f} s")
+    return payload
+
+
+def simulation_case(n: int, dtype_name: str, gradient: str, args):
+    """(simulator, seeded angles, fwd_bwd) for one benchmark cell: fwd_bwd runs (p · w).sum().backward()."""
     circuit = build_ansatz(n, args.depth, args.ansatz)
-    t0 = time.perf_counter()
     sim = StatevectorSimulator(circuit, gradient=gradient)
-    setup_s = time.perf_counter() - t0
     dtype = DTYPES[dtype_name]
     angles = (torch.rand(circuit.num_parameters, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
               * 2 * math.pi).to(dtype)
@@ -193,17 +201,25 @@ def torch_row(n: int, dtype_name: str, gradient: str, args) -> dict:
         a = angles.clone().requires_grad_(True)
         (sim(a) * w).sum().backward()
 
+    return sim, angles, fwd_bwd
+
+
+def torch_row(n: int, dtype_name: str, gradient: str, args) -> dict:
+    t0 = time.perf_counter()
+    sim, angles, fwd_bwd = simulation_case(n, dtype_name, gradient, args)
+    setup_s = time.perf_counter() - t0
+
     def fwd():
         with torch.no_grad():
             sim(angles)
 
     med, best, times = median_time(fwd_bwd, args.repeats, args.warmup)
     fwd_med = median_time(fwd, args.repeats, 1)[0]
-    amp_bytes = torch.empty((), dtype=dtype).element_size() * (2 if sim.is_complex else 1)
+    amp_bytes = angles.element_size() * (2 if sim.is_complex else 1)
     state_bytes = 2**n * amp_bytes
     return {
         "backend": "torch_statevector", "gradient": gradient, "n_qubits": n, "depth": args.depth,
-        "ansatz": args.ansatz, "dtype": dtype_name, "n_angles": circuit.num_parameters, "setup_s": setup_s,
+        "ansatz": args.ansatz, "dtype": dtype_name, "n_angles": sim.num_parameters, "setup_s": setup_s,
         "fwd_bwd_s_median": med, "fwd_bwd_s_min": best, "fwd_bwd_s_all": times, "fwd_s_median": fwd_med,
         "state_bytes": state_bytes, "minimal_bytes": minimal_transfers(args.depth) * state_bytes,
         "implementation_bytes": implementation_bytes(sim, amp_bytes, gradient),
@@ -248,16 +264,7 @@ def memory_probe(args) -> dict:
 
 
 def one_memory_probe(n: int, dtype_name: str, gradient: str, args) -> int | None:
-    circuit = build_ansatz(n, args.depth, args.ansatz)
-    sim = StatevectorSimulator(circuit, gradient=gradient)
-    dtype = DTYPES[dtype_name]
-    angles = (torch.rand(circuit.num_parameters, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-              * 2 * math.pi).to(dtype)
-    w = torch.randn(2**n, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
-
-    def fwd_bwd():
-        a = angles.clone().requires_grad_(True)
-        (sim(a) * w).sum().backward()
+    _, _, fwd_bwd = simulation_case(n, dtype_name, gradient, args)
 
     fwd_bwd()
     return peak_rss_delta(fwd_bwd)
@@ -425,11 +432,7 @@ def main(argv=None):
         "results": results,
         "speedups_vs_aer": speedups,
     }
-    json_path = out / f"{args.name}.json"
-    json_path.write_text(json.dumps(payload, indent=1))
-    plot(payload, out / f"{args.name}.png")
-    print(f"wrote {json_path} and {args.name}.png in {payload['meta']['total_s']:.0f} s")
-    return payload
+    return write_results(payload, out, args.name, plot)
 
 
 if __name__ == "__main__":

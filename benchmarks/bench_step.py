@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_simulator import machine_info, peak_rss_delta, run_memory_probe  # noqa: E402
+from bench_simulator import machine_info, peak_rss_delta, run_memory_probe, write_results  # noqa: E402
 
 warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -387,11 +387,7 @@ def main(argv=None):
         "profile": profile,
         "eval": eval_payload,
     }
-    json_path = out / f"{args.name}.json"
-    json_path.write_text(json.dumps(payload, indent=1))
-    plot(payload, out / f"{args.name}.png")
-    print(f"wrote {json_path} and {args.name}.png in {payload['meta']['total_s']:.0f} s")
-    return payload
+    return write_results(payload, out, args.name, plot)
 
 
 if __name__ == "__main__":

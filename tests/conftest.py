@@ -22,3 +22,14 @@ def arch(request):
 @pytest.fixture
 def input_ids():
     return torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_files(tmp_path_factory):
+    """(model_dir, train_file, held_out_file): a tiny local causal LM and text (see tiny_lm.py)."""
+    from tiny_lm import make_text_files, make_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("tiny_lm")
+    model_dir = make_tiny_model_dir(root / "model")
+    train, held = make_text_files(root / "text")
+    return model_dir, train, held

@@ -11,7 +11,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_lm import make_text_files, make_tiny_model_dir  # noqa: E402
 
 from peft_qpa import assets  # noqa: E402
 
@@ -33,11 +32,8 @@ def _env(tmp_path, **extra):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = make_tiny_model_dir(root / "model")
-    train, held = make_text_files(root / "text")
-    return model_dir, train, held
+def tiny(tiny_lm_files):
+    return tiny_lm_files
 
 
 def test_demo_cli_end_to_end(tiny, tmp_path):

@@ -12,18 +12,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_lm import make_text_files, make_tiny_model_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_clm_qpa.py"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_clm")
-    model_dir = make_tiny_model_dir(root / "model")
-    train, held = make_text_files(root / "text")
-    return model_dir, train, held
+def tiny(tiny_lm_files):
+    return tiny_lm_files
 
 
 def _env(tmp_path):
