@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .circuit import build_ansatz, circuit_parameters, n_qubits_for
 
@@ -184,7 +185,14 @@ class QPAGenerator(nn.Module):
     def _raw_output(self, step: int) -> torch.Tensor:
         probs = self.probabilities(step)[: self.n_chunks]
         features = torch.cat([self.basis_bits, self.postprocess(probs).unsqueeze(1).to(self.basis_bits.dtype)], 1)
-        chunks = self.mapping(features)  # (n_chunks, chunk_size): row i is basis state i's chunk
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.mapping.parameters()):
+            # Recompute the MLP's activations in the backward pass instead of keeping them: they are
+            # n_chunks x (sum of widths) numbers, held from the start of the model's forward to the end
+            # of its backward, and at N >= 12 they would outweigh the optimizer state QPA saves over LoRA.
+            # The recomputation runs the same ops on the same inputs, so gradients are unchanged.
+            chunks = checkpoint(self.mapping, features, use_reentrant=False)
+        else:
+            chunks = self.mapping(features)  # (n_chunks, chunk_size): row i is basis state i's chunk
         flat = chunks.reshape(-1)[: self.num_generated]
         return flat - flat.mean()
 

@@ -82,6 +82,37 @@ def test_every_parameter_gets_a_gradient_at_the_first_step():
         assert p.grad is not None and p.grad.abs().max() > 0, name
 
 
+def _saved_numel_and_grads(g):
+    """Numbers autograd keeps for the backward of one generate(), and the resulting gradients."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        flat = g.generate()
+    g.zero_grad()
+    (flat * torch.linspace(-1, 1, flat.numel())).sum().backward()
+    return sum(saved), {n: p.grad.clone() for n, p in g.named_parameters()}
+
+
+def test_mapping_activations_are_recomputed_not_kept(monkeypatch):
+    # Issue 5: at N >= 12 the MLP's activations (n_chunks x widths) held through the model's forward and
+    # backward cost more memory than LoRA's optimizer state; they are recomputed in the backward instead.
+    g = make_generator(hidden_sizes=(64, 64, 64), chunk_size=4, specs=[TensorSpec("a", (4, 200), "kaiming_uniform")])
+    activations = g.n_chunks * (3 * 64)
+    recomputed_numel, recomputed_grads = _saved_numel_and_grads(g)
+    import peft_qpa.generator as generator_module
+
+    monkeypatch.setattr(generator_module, "checkpoint", lambda fn, *args, **kwargs: fn(*args))  # keep them
+    kept_numel, kept_grads = _saved_numel_and_grads(g)
+    assert kept_numel > 2 * activations  # each Linear keeps its input, each GELU its input
+    assert recomputed_numel < kept_numel - 2 * activations
+    for name in kept_grads:  # same ops on the same inputs: the same gradients, bit for bit
+        assert torch.equal(kept_grads[name], recomputed_grads[name]), name
+
+
 def test_raw_output_without_init_weights_is_nonzero():
     g = make_generator(init_weights=False)
     assert torch.count_nonzero(g.split(g.generate())["b"]) > 0
