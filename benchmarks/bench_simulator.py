@@ -7,7 +7,8 @@ For every N (default 8, 10, ..., 20), dtype and gradient mode (``--gradients``, 
 keeps only the final state and reconstructs the earlier ones in the backward sweep (see
 ``peft_qpa/simulator.py``); ``gradient="auto"``, the simulator's default, picks one of the two by N. Aer statevector with its one-job parameter-shift gradient
 (``peft_qpa.aer.AerProbabilities``, 2P+1 circuits) is timed the same way up to ``--aer-max-qubits``
-and while one Aer step stays under ``--aer-max-seconds``; larger N are recorded as ``"not run"``
+(default 20) and while one Aer step stays under ``--aer-stop-seconds``; repeats stop once their total
+passes ``--aer-max-seconds`` (a slow N is timed once); larger N are recorded as ``"not run"``
 (nothing is extrapolated).
 
 Memory: peak RSS increase of one forward+backward after a warm-up, measured in a fresh subprocess
@@ -25,6 +26,15 @@ input and writes the outgoing gradient (3 transfers); the final squaring costs 2
 backward transfers. Total (5L + 5) state-sized transfers, the same bound for both gradient modes. The
 benchmark also reports the bytes of the passes each mode actually makes (one read+write per Kronecker
 block matmul and per permutation, plus the int64 index reads) against the same bandwidth.
+
+Compute floor: the bandwidth bound assumes the arithmetic is free. It is not on a CPU core, so the
+benchmark also measures the core's peak arithmetic rate (a ``--matmul-size`` square ``torch.mm``, the
+fastest kernel torch has, in flops per second) and counts the minimal flops of the computation: a
+rotation applied to one qubit is 3 flops per amplitude (out = c·a - s·b), so the forward is
+3·N·L·2^N; the backward per qubit propagates λ (3), reconstructs or re-reads the state (3) and
+contracts the angle gradient <λ, RY'ψ> = ½ <λ, Jψ_out> (2): 8·N·L·2^N; the squaring adds 3·2^N.
+Total ``(11·N·L + 3)·2^N`` real flops (×4 for complex amplitudes, RX). ``compute_floor_s`` = minimal
+flops / peak rate, ``roofline_s`` = max(bound_s, compute_floor_s): no implementation can beat either.
 
 Example (the command used for docs/performance.md):
 
@@ -125,6 +135,14 @@ def median_time(fn, repeats: int, warmup: int) -> tuple[float, float, list[float
     return statistics.median(times), min(times), times
 
 
+def matmul_flop_rate(size: int, dtype: torch.dtype, repeats: int = 7) -> float:
+    """Flops per second of a ``size`` x ``size`` ``torch.mm`` (2·size³ flops): the core's practical peak."""
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    b, out = a.clone(), torch.empty(size, size, dtype=dtype)
+    best = median_time(lambda: torch.mm(a, b, out=out), repeats, 1)[0]
+    return 2 * size**3 / best
+
+
 def copy_bandwidth(mib: int, repeats: int = 7) -> float:
     """Bytes per second of ``dst.copy_(src)`` counting the read and the write."""
     n = mib * 2**20 // 4
@@ -142,6 +160,11 @@ def copy_bandwidth(mib: int, repeats: int = 7) -> float:
 def minimal_transfers(depth: int) -> int:
     """State-sized transfers of the minimal passes, forward + backward (see the module docstring)."""
     return (2 * depth + 2) + (3 * depth + 3)
+
+
+def minimal_flops(n_qubits: int, depth: int, is_complex: bool) -> int:
+    """Real flops the computation needs at least, forward + backward (see the module docstring)."""
+    return (11 * n_qubits * depth + 3) * 2**n_qubits * (4 if is_complex else 1)
 
 
 def implementation_bytes(sim: StatevectorSimulator, amp_bytes: int, gradient: str = "autograd") -> int:
@@ -223,6 +246,7 @@ def torch_row(n: int, dtype_name: str, gradient: str, args) -> dict:
         "fwd_bwd_s_median": med, "fwd_bwd_s_min": best, "fwd_bwd_s_all": times, "fwd_s_median": fwd_med,
         "state_bytes": state_bytes, "minimal_bytes": minimal_transfers(args.depth) * state_bytes,
         "implementation_bytes": implementation_bytes(sim, amp_bytes, gradient),
+        "minimal_flops": minimal_flops(n, args.depth, sim.is_complex),
     }
 
 
@@ -296,6 +320,9 @@ def plot(payload: dict, path: Path) -> None:
                   label=f"torch {dtype_name} {gradient} fwd+bwd")
         if gradient == "autograd" or not any(r.get("gradient", "autograd") == "autograd" for r in rows):
             ax_t.plot(ns, [r["minimal_bytes"] / bw for r in sel], ":", color=color, label=f"bandwidth bound {dtype_name}")
+            if all("compute_floor_s" in r for r in sel):
+                ax_t.plot(ns, [r["compute_floor_s"] for r in sel], "-.", color=color, linewidth=1,
+                          label=f"compute floor {dtype_name}")
         ax_r.plot(ns, [r["ratio_to_bound"] for r in sel], marker + line, color=color,
                   label=f"time / bound ({dtype_name}, {gradient})")
         # below the 64 KiB mmap threshold the allocations come from the heap: RSS does not follow them
@@ -335,9 +362,12 @@ def main(argv=None):
                         help="StatevectorSimulator(gradient=...) modes to measure")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--aer-max-qubits", type=int, default=16, help="largest N timed on Aer")
+    parser.add_argument("--aer-max-qubits", type=int, default=20, help="largest N timed on Aer")
+    parser.add_argument("--aer-stop-seconds", type=float, default=600.0,
+                        help="larger N are not timed on Aer once one Aer step took longer than this")
+    parser.add_argument("--matmul-size", type=int, default=1024, help="square matmul measuring the peak flop rate")
     parser.add_argument("--aer-max-seconds", type=float, default=30.0,
-                        help="stop repeating an Aer measurement, and skip larger N, past this many seconds")
+                        help="stop repeating an Aer measurement once the repeats took this many seconds in total")
     parser.add_argument("--aer-repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--copy-mib", type=int, default=256, help="size of the tensor copied to measure bandwidth")
@@ -363,6 +393,8 @@ def main(argv=None):
     machine = machine_info(args.threads)
     bw = copy_bandwidth(args.copy_mib)
     print(f"copy bandwidth ({args.copy_mib} MiB tensor): {bw / 1e9:.1f} GB/s (read+write)", flush=True)
+    flop_rates = {d: matmul_flop_rate(args.matmul_size, DTYPES[d]) for d in args.dtypes}
+    print("peak matmul rate: " + ", ".join(f"{d} {r / 1e9:.1f} GFLOP/s" for d, r in flop_rates.items()), flush=True)
     probe = {}
     if not args.no_memory:  # one fresh subprocess measures every (N, dtype, gradient), before the timings
         probe = run_memory_probe(Path(__file__), ["--memory-probe", "--qubits", *map(str, args.qubits),
@@ -379,6 +411,9 @@ def main(argv=None):
                 row["bound_s"] = row["minimal_bytes"] / bw
                 row["ratio_to_bound"] = row["fwd_bwd_s_median"] / row["bound_s"]
                 row["implementation_bytes_s"] = row["implementation_bytes"] / bw
+                row["compute_floor_s"] = row["minimal_flops"] / flop_rates[dtype_name]
+                row["roofline_s"] = max(row["bound_s"], row["compute_floor_s"])
+                row["ratio_to_roofline"] = row["fwd_bwd_s_median"] / row["roofline_s"]
                 if not args.no_memory:
                     row["peak_memory_bytes"] = probe.get(f"{n}/{dtype_name}/{gradient}")
                     if row["peak_memory_bytes"]:
@@ -386,13 +421,14 @@ def main(argv=None):
                 results.append(row)
                 print(f"torch {dtype_name} {gradient:8s} N={n:2d} fwd+bwd {row['fwd_bwd_s_median'] * 1e3:9.2f} ms  "
                       f"(fwd {row['fwd_s_median'] * 1e3:8.2f} ms)  bound {row['bound_s'] * 1e3:8.2f} ms  "
-                      f"ratio {row['ratio_to_bound']:6.1f}  "
+                      f"ratio {row['ratio_to_bound']:6.1f}  compute floor {row['compute_floor_s'] * 1e3:8.2f} ms  "
+                      f"ratio to roofline {row['ratio_to_roofline']:5.1f}  "
                       f"peak mem / state {row.get('peak_memory_over_state', float('nan')):5.1f}", flush=True)
     aer_stopped = None
     for n in sorted(args.qubits):
         if n > args.aer_max_qubits or aer_stopped is not None:
             reason = (f"N > --aer-max-qubits {args.aer_max_qubits}" if n > args.aer_max_qubits
-                      else f"a step at N={aer_stopped} took longer than --aer-max-seconds {args.aer_max_seconds}")
+                      else f"a step at N={aer_stopped} took longer than --aer-stop-seconds {args.aer_stop_seconds}")
             results.append({"backend": "aer_statevector_param_shift", "n_qubits": n, "depth": args.depth,
                             "ansatz": args.ansatz, "status": "not run", "reason": reason})
             print(f"aer N={n:2d} not run ({reason})", flush=True)
@@ -401,7 +437,7 @@ def main(argv=None):
         row["status"] = "run"
         results.append(row)
         print(f"aer   N={n:2d} fwd+param-shift {row['fwd_bwd_s_median']:.3f} s ({row['circuits_per_step']} circuits)", flush=True)
-        if row["fwd_bwd_s_min"] > args.aer_max_seconds:
+        if row["fwd_bwd_s_min"] > args.aer_stop_seconds:
             aer_stopped = n
 
     speedups = []
@@ -421,12 +457,15 @@ def main(argv=None):
             "machine": machine, "qiskit": qiskit.__version__, "qiskit_aer": qiskit_aer.__version__,
             "args": {k: v for k, v in vars(args).items() if k not in ("plot_only", "memory_probe")},
             "copy_bandwidth_bytes_per_s": bw,
+            "matmul_flops_per_s": flop_rates,
             "timed": "sim = StatevectorSimulator(circuit, gradient=row['gradient']); "
                      "a = angles.requires_grad_(); (sim(a) * w).sum().backward(); median over repeats",
             "memory": "peak RSS increase during one fwd+bwd after a warm-up, fresh subprocess, "
                       "MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset via /proc/self/clear_refs",
             "bound": "minimal_bytes = (5L+5) * state_bytes (per layer fwd R+W, bwd 3 transfers; squaring 2+3); "
                      "bound_s = minimal_bytes / copy bandwidth (read+write bytes per second of a large copy)",
+            "compute_floor": "minimal_flops = (11 N L + 3) 2^N (x4 complex); compute_floor_s = minimal_flops / "
+                             "matmul_flops_per_s; roofline_s = max(bound_s, compute_floor_s)",
             "total_s": time.perf_counter() - t_start,
         },
         "results": results,
