@@ -21,6 +21,16 @@ amplitudes. Everything is differentiable, on CPU and CUDA, in one of two ways (`
 * ``"auto"`` (default): adjoint for real-amplitude circuits of at least ``ADJOINT_MIN_QUBITS`` qubits
   (currently every size), autograd otherwise (RX circuits always use autograd). The adjoint backward is
   first-order only (``once_differentiable``); use ``"autograd"`` for double backward.
+
+Two implementations of the same stages (``kernel=``):
+
+* ``"torch"``: the Kronecker-block matmuls and gathers above, in torch ops (CPU and CUDA, any circuit).
+* ``"fused"``: the compiled CPU kernel of :mod:`peft_qpa.fused_kernel` for circuits made of full RY
+  layers and CNOTs (every ``build_ansatz(..., "ry_cnot")`` circuit): a layer and the CNOT chain before
+  it in two cache-blocked passes, 3 flops per amplitude and qubit, and an adjoint backward that undoes
+  each layer in place. Used for the no-grad forward and the adjoint path, on CPU float32/float64.
+  It agrees with the torch path to float rounding (not bit for bit).
+* ``"auto"`` (default): ``"fused"`` where it applies and the kernel could be built, else ``"torch"``.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ GROUP_QUBITS = 5
 ADJOINT_MIN_QUBITS = 1
 
 GRADIENT_MODES = ("auto", "adjoint", "autograd")
+KERNELS = ("auto", "torch", "fused")
 
 
 @dataclass
@@ -56,6 +67,16 @@ class _RotationStage:
 class _PermutationStage:
     index: str  # buffer name: new_state = state[index]
     inverse: str  # buffer name of the inverse permutation (used by the backward pass)
+    chain: bool = False  # the CNOT chain CNOT(0,1) ... CNOT(N-2,N-1): the fused kernel computes it
+
+
+@dataclass
+class _FusedStep:
+    """One call of the fused kernel: the permutation before a full RY layer (if any), then the layer;
+    or (``layer`` None) a lone trailing permutation."""
+
+    permutation: "_PermutationStage | None"
+    layer: "int | None"  # row of StatevectorSimulator._fused_angles
 
 
 class _Permute(torch.autograd.Function):
@@ -109,10 +130,12 @@ class StatevectorSimulator(torch.nn.Module):
     ``"autograd"``. The forward values are the same in every mode.
     """
 
-    def __init__(self, circuit: QuantumCircuit, gradient: str = "auto"):
+    def __init__(self, circuit: QuantumCircuit, gradient: str = "auto", kernel: str = "auto"):
         super().__init__()
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.n_qubits = circuit.num_qubits
         self.num_parameters = circuit.num_parameters
         program = circuit_program(circuit)
@@ -141,13 +164,45 @@ class StatevectorSimulator(torch.nn.Module):
                 n_perm += 1
                 self.register_buffer(name, torch.from_numpy(perm), persistent=False)
                 self.register_buffer(name + "_inv", torch.from_numpy(inverse), persistent=False)
-                self._stages.append(_PermutationStage(index=name, inverse=name + "_inv"))
+                identity = np.arange(perm.size, dtype=np.int64)
+                chain = bool(np.array_equal(perm, identity ^ ((identity << 1) & (perm.size - 1))))
+                self._stages.append(_PermutationStage(index=name, inverse=name + "_inv", chain=chain))
             else:
                 rotations: dict[int, int] = {}
                 while i < len(program) and program[i].name == gate.name and program[i].qubits[0] not in rotations:
                     rotations[program[i].qubits[0]] = program[i].param_index
                     i += 1
                 self._stages.append(self._rotation_stage(gate.name, rotations))
+        self.kernel = kernel
+        self._fused_steps = self._plan_fused()
+        if kernel == "fused" and self._fused_steps is None:
+            raise ValueError("kernel='fused' supports circuits whose rotation layers are full RY layers (every "
+                             "build_ansatz(..., 'ry_cnot') circuit); use kernel='auto' or 'torch' for this one.")
+
+    def _plan_fused(self) -> "list[_FusedStep] | None":
+        """The fused kernel's steps after the first (product-state) layer, or None where it does not apply."""
+        stages = self._stages
+        if self.is_complex or not self._starts_with_product_state():
+            return None
+        if any(isinstance(st, _RotationStage) and not st.full for st in stages):
+            return None
+        # row 0: the first layer (applied to |0...0>: the product state), then one row per later layer
+        steps, layers, i = [], [[index for block in stages[0].blocks for index in block]], 1
+        while i < len(stages):
+            stage = stages[i]
+            permutation = stage if isinstance(stage, _PermutationStage) else None
+            if permutation is not None:
+                i += 1
+                if i == len(stages) or not isinstance(stages[i], _RotationStage):
+                    steps.append(_FusedStep(permutation, None))
+                    continue
+            rotation = stages[i]
+            layers.append([index for block in rotation.blocks for index in block])  # qubit 0 upwards
+            steps.append(_FusedStep(permutation, len(layers) - 1))
+            i += 1
+        self.register_buffer("_fused_angles", torch.tensor(layers, dtype=torch.long).reshape(len(layers), self.n_qubits),
+                             persistent=False)
+        return steps
 
     def _rotation_stage(self, gate: str, rotations: dict[int, int]) -> _RotationStage:
         """Group rotated qubits into runs of adjacent qubits of at most GROUP_QUBITS (balanced sizes)."""
@@ -226,6 +281,10 @@ class StatevectorSimulator(torch.nn.Module):
         self._check(angles)
         dtype = self._dtype(angles)
         stages = self._stages
+        graph_needed = torch.is_grad_enabled() and angles.requires_grad
+        module = None if graph_needed else self._fused_module(angles)
+        if module is not None:
+            return self._fused_statevector(angles, module)
         if self._starts_with_product_state():
             # The first layer acts on |0...0>: the result is the product state, a Kronecker product of
             # each block's first column, built without touching a 2^N zero vector (no matmuls, and
@@ -251,6 +310,87 @@ class StatevectorSimulator(torch.nn.Module):
                         block = block.detach().requires_grad_(True)  # under no_grad: no graph is recorded
                     state = self._apply_block(state, low, block)
         return state
+
+    # ----------------------------------------------------------------------------------------------
+    # Fused CPU kernel
+    # ----------------------------------------------------------------------------------------------
+
+    def _fused_module(self, angles: torch.Tensor):
+        """The compiled kernel where it applies to this call, else None (then the torch path runs)."""
+        if self._fused_steps is None or self.kernel == "torch":
+            return None
+        if angles.device.type != "cpu" or angles.dtype not in (torch.float32, torch.float64):
+            if self.kernel == "fused":
+                raise ValueError("kernel='fused' runs on CPU float32/float64 angles; got "
+                                 f"{angles.dtype} on {angles.device}. Use kernel='auto' to fall back to torch.")
+            return None
+        from . import fused_kernel
+
+        module = fused_kernel.load()
+        if module is None and self.kernel == "fused":
+            raise RuntimeError(f"kernel='fused' but the fused CPU kernel is unavailable: "
+                               f"{fused_kernel.error() or fused_kernel.ENV_VAR + '=0 turns it off'}")
+        return module
+
+    def _fused_cos_sin(self, angles: torch.Tensor):
+        half = angles[self._fused_angles] / 2  # (layers, N), qubit 0 first
+        return torch.cos(half), torch.sin(half)
+
+    def _fused_statevector(self, angles: torch.Tensor, module) -> torch.Tensor:
+        cos, sin = self._fused_cos_sin(angles)
+        # the first layer on |0...0>: the product state of the columns (cos, sin) of each qubit's RY
+        columns = torch.stack([cos[0], sin[0]], 1)  # (N, 2), qubit 0 first
+        state = columns[0]
+        for q in range(1, self.n_qubits):
+            state = torch.outer(columns[q], state).reshape(-1)
+        spare = None  # two buffers alternate as input and output of the layers
+        for step in self._fused_steps:
+            permutation = step.permutation
+            if step.layer is None:
+                state = torch.index_select(state, 0, getattr(self, permutation.index))
+                continue
+            chain = permutation is not None and permutation.chain
+            index = getattr(self, permutation.index) if permutation is not None and not chain else None
+            out = torch.empty_like(state) if spare is None else spare
+            module.ry_layer_forward(state, index, chain, cos[step.layer], sin[step.layer], out)
+            spare, state = state, out
+        return state
+
+    def _fused_sweep(self, angles: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, module) -> torch.Tensor:
+        """dL/dangles by an adjoint sweep over the fused steps, last to first, then the first layer (its
+        input |0...0> needs no reconstruction; the kernel contracts its gradients at its output, the
+        product state the sweep has reconstructed). Overwrites ``lam`` and the buffers it makes; never
+        ``y``, which may be the kept final state."""
+        cos, sin = self._fused_cos_sin(angles)
+        grad = torch.zeros_like(angles)
+        spares: list = []
+        y_is_owned = False
+        for step in reversed(self._fused_steps):
+            permutation = step.permutation
+            if step.layer is None:
+                inverse = getattr(self, permutation.inverse)
+                y, lam, y_is_owned = torch.index_select(y, 0, inverse), torch.index_select(lam, 0, inverse), True
+                continue
+            if not y_is_owned:
+                y, y_is_owned = y.clone(), True
+            chain = permutation is not None and permutation.chain
+            index = getattr(self, permutation.index) if permutation is not None and not chain else None
+            if permutation is not None:
+                while len(spares) < 2:
+                    spares.append(torch.empty_like(y))
+                x, lam_x, layer_grad = module.ry_layer_backward(y, lam, index, chain, cos[step.layer],
+                                                                sin[step.layer], spares[0], spares[1])
+                spares = [y, lam]  # consumed: reused as the next outputs
+            else:
+                x, lam_x, layer_grad = module.ry_layer_backward(y, lam, None, False, cos[step.layer],
+                                                                sin[step.layer], y, lam)
+            y, lam = x, lam_x
+            grad.index_add_(0, self._fused_angles[step.layer], layer_grad.to(grad.dtype))
+        if not y_is_owned:
+            y = y.clone()
+        _, _, layer_grad = module.ry_layer_backward(y, lam, None, False, cos[0], sin[0], y, lam)
+        grad.index_add_(0, self._fused_angles[0], layer_grad.to(grad.dtype))
+        return grad
 
     def forward(self, angles: torch.Tensor) -> torch.Tensor:
         if self.use_adjoint and torch.is_grad_enabled() and angles.requires_grad:
@@ -279,6 +419,10 @@ class StatevectorSimulator(torch.nn.Module):
         product_start = self._starts_with_product_state()
         block_grads = []  # (angle indices, dL/dB, is a first-layer column)
         y, lam = buffers.pop(0), buffers.pop(0)
+        module = self._fused_module(angles)
+        if module is not None:
+            with torch.no_grad():
+                return self._fused_sweep(angles, y, lam, module)
         with torch.no_grad():
             for i in range(len(stages) - 1, 0 if product_start else -1, -1):
                 stage = stages[i]

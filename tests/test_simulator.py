@@ -86,18 +86,24 @@ def _loss_and_grad(sim, angles, weights):
     return probs.detach(), a.grad
 
 
-@pytest.mark.parametrize("n_qubits, depth", [(1, 1), (1, 3), (2, 2), (5, 1), (5, 4), (7, 3), (11, 2), (11, 8)])
-def test_adjoint_gradient_matches_autograd(n_qubits, depth):
+@pytest.mark.parametrize("kernel", ["torch", "fused"])
+@pytest.mark.parametrize("n_qubits, depth", [(1, 1), (1, 3), (2, 2), (5, 1), (5, 4), (7, 3), (11, 2), (11, 8), (15, 2)])
+def test_adjoint_gradient_matches_autograd(n_qubits, depth, kernel):
+    if kernel == "fused":
+        _require_fused_kernel()
     qc = build_ansatz(n_qubits, depth)
-    adjoint = StatevectorSimulator(qc, gradient="adjoint")
-    autograd = StatevectorSimulator(qc, gradient="autograd")
+    adjoint = StatevectorSimulator(qc, gradient="adjoint", kernel=kernel)
+    autograd = StatevectorSimulator(qc, gradient="autograd", kernel="torch")
     assert adjoint.use_adjoint and not autograd.use_adjoint
     gen = torch.Generator().manual_seed(n_qubits * 100 + depth)
     angles = torch.rand(qc.num_parameters, dtype=torch.float64, generator=gen) * 4 * np.pi - 2 * np.pi
     weights = torch.randn(2**n_qubits, dtype=torch.float64, generator=gen)
     p_adj, g_adj = _loss_and_grad(adjoint, angles, weights)
     p_auto, g_auto = _loss_and_grad(autograd, angles, weights)
-    assert torch.equal(p_adj, p_auto)  # the forward is the same computation
+    if kernel == "torch":
+        assert torch.equal(p_adj, p_auto)  # the forward is the same computation
+    else:  # the same circuit, other rounding
+        torch.testing.assert_close(p_adj, p_auto, rtol=0, atol=1e-14)
     torch.testing.assert_close(g_adj, g_auto, rtol=1e-10, atol=1e-12 * float(g_auto.abs().max()))
 
 
@@ -105,8 +111,8 @@ def test_adjoint_forward_bit_identical_float32():
     qc = build_ansatz(9, 5)
     angles = torch.rand(qc.num_parameters, generator=torch.Generator().manual_seed(3)) * 6
     weights = torch.randn(2**9, generator=torch.Generator().manual_seed(4))
-    p_adj, g_adj = _loss_and_grad(StatevectorSimulator(qc, gradient="adjoint"), angles, weights)
-    p_auto, g_auto = _loss_and_grad(StatevectorSimulator(qc, gradient="autograd"), angles, weights)
+    p_adj, g_adj = _loss_and_grad(StatevectorSimulator(qc, gradient="adjoint", kernel="torch"), angles, weights)
+    p_auto, g_auto = _loss_and_grad(StatevectorSimulator(qc, gradient="autograd", kernel="torch"), angles, weights)
     assert p_adj.dtype == torch.float32 and torch.equal(p_adj, p_auto)
     torch.testing.assert_close(g_adj, g_auto, rtol=1e-4, atol=1e-5 * float(g_auto.abs().max()))
 
@@ -187,3 +193,95 @@ def test_gradient_modes():
         StatevectorSimulator(rx, gradient="adjoint")
     with pytest.raises(ValueError, match="gradient must be one of"):
         StatevectorSimulator(ry, gradient="parameter_shift")
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused CPU kernel (peft_qpa/csrc/ry_layers.cpp)
+# --------------------------------------------------------------------------------------------------
+
+
+def _require_fused_kernel():
+    from peft_qpa import fused_kernel
+
+    if fused_kernel.load() is None:
+        pytest.skip(f"the fused CPU kernel is unavailable here: {fused_kernel.error() or 'turned off'}")
+
+
+@pytest.mark.parametrize("n_qubits", [13, 14, 16])  # one tile / tiles and strips / several strips
+def test_fused_kernel_matches_qiskit(n_qubits):
+    _require_fused_kernel()
+    qc = build_ansatz(n_qubits, 3)
+    sim = StatevectorSimulator(qc, kernel="fused")
+    angles = np.random.default_rng(n_qubits).uniform(-2 * np.pi, 2 * np.pi, qc.num_parameters)
+    probs = sim(torch.tensor(angles, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(probs, qiskit_probabilities(qc, angles), atol=1e-12)
+
+
+def test_fused_kernel_is_the_default_where_it_applies():
+    _require_fused_kernel()
+    angles = torch.zeros(build_ansatz(4, 2).num_parameters)
+    assert StatevectorSimulator(build_ansatz(4, 2))._fused_module(angles) is not None
+    assert StatevectorSimulator(build_ansatz(4, 2), kernel="torch")._fused_module(angles) is None
+    assert StatevectorSimulator(build_ansatz(4, 2, "rx_cnot"))._fused_steps is None  # complex amplitudes
+
+
+def test_fused_kernel_general_cnot_pattern_and_threads():
+    """CNOTs that are not the q -> q+1 chain use the kernel's index path; strips run at N = 15.
+    Results do not depend on the number of threads (partial sums are added in a fixed order)."""
+    _require_fused_kernel()
+    from qiskit import QuantumCircuit
+    from qiskit.circuit import ParameterVector
+
+    n = 15
+    theta = ParameterVector("θ", 3 * n)
+    qc = QuantumCircuit(n)
+    for layer in range(3):
+        for q in range(n):
+            qc.ry(theta[layer * n + q], q)
+        for control, target in [(3, 0), (14, 7), (1, 2), (9, 13)]:
+            qc.cx(control, target)
+    fused = StatevectorSimulator(qc, kernel="fused")
+    assert not any(step.permutation.chain for step in fused._fused_steps if step.permutation is not None)
+    angles = torch.rand(3 * n, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * 6
+    weights = torch.randn(2**n, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    p_ref, g_ref = _loss_and_grad(StatevectorSimulator(qc, gradient="autograd", kernel="torch"), angles, weights)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(_loss_and_grad(fused, angles.float(), weights.float()))
+            p, g = _loss_and_grad(fused, angles, weights)
+            torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-14)
+            torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12 * float(g_ref.abs().max()))
+    finally:
+        torch.set_num_threads(threads)
+    (p1, g1), (p2, g2) = results
+    assert torch.equal(p1, p2) and torch.equal(g1, g2)
+
+
+def test_fused_kernel_unavailable_falls_back_or_errors(monkeypatch):
+    from peft_qpa import fused_kernel
+
+    qc = build_ansatz(5, 2)
+    angles = torch.rand(qc.num_parameters, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) * 6
+    expected = StatevectorSimulator(qc, kernel="torch")(angles)
+    monkeypatch.setenv(fused_kernel.ENV_VAR, "0")  # turned off: auto runs the torch path, bit for bit
+    assert fused_kernel.load() is None
+    assert torch.equal(StatevectorSimulator(qc)(angles), expected)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        StatevectorSimulator(qc, kernel="fused")(angles)
+    monkeypatch.setenv(fused_kernel.ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match="must be 0"):
+        fused_kernel.load()
+
+
+def test_fused_kernel_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="full RY layers"):
+        StatevectorSimulator(build_ansatz(3, 2, "rx_cnot"), kernel="fused")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        StatevectorSimulator(build_ansatz(3, 2), kernel="cuda")
+    _require_fused_kernel()
+    sim = StatevectorSimulator(build_ansatz(3, 2), kernel="fused")
+    with pytest.raises(ValueError, match="CPU float32/float64"):
+        sim(torch.zeros(6, dtype=torch.float16))

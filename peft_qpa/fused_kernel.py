@@ -1,0 +1,105 @@
+"""The optional fused CPU kernel for RY layers (``csrc/ry_layers.cpp``), compiled on first use.
+
+Applying a layer of RY rotations as Kronecker-block matmuls (the portable torch path in
+:mod:`peft_qpa.simulator`) costs 2^(k+1) flops per amplitude per block of k qubits and one pass over the
+state per block. The C++ kernel applies a whole layer (and the CNOT-chain gather before it) in two
+cache-blocked passes with 3 flops per amplitude per qubit, and undoes it in its adjoint backward with
+the angle gradients contracted on the way. On one CPU core it is ~3-5x faster at N >= 16
+(``docs/performance.md``). Its results equal the torch path's to float rounding, not bit for bit.
+
+It is built with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; the ``ninja``
+package is a dependency) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default under
+``~/.cache/torch_extensions``): about 30 s once per machine, then loaded in well under a second. Where
+it cannot be built the simulator logs one warning and uses the torch path. ``PEFT_QPA_FUSED_KERNEL=0``
+turns it off (the torch path everywhere); ``=1`` makes a failed build an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "ry_layers.cpp"
+ENV_VAR = "PEFT_QPA_FUSED_KERNEL"
+
+_lock = threading.Lock()
+_module = None
+_error: str | None = None
+
+
+def _setting() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value in ("0", "false", "off", "no"):
+        return "off"
+    if value in ("1", "true", "on", "yes"):
+        return "on"
+    raise ValueError(f"{ENV_VAR} must be 0 (off), 1 (required) or auto, got {value!r}")
+
+
+def _cpu_fingerprint() -> str:
+    """-march=native code must not be reused on another CPU sharing the cache (e.g. a network home)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:10]
+
+
+def load():
+    """The compiled module, or None when it is turned off or cannot be built (the reason: :func:`error`)."""
+    global _module, _error
+    setting = _setting()
+    if setting == "off":
+        return None
+    if _module is not None:
+        return _module
+    if _error is not None and setting == "auto":
+        return None
+    with _lock:
+        if _module is None:
+            try:
+                from torch.utils.cpp_extension import load as load_extension
+
+                logger.info("peft_qpa: building the fused CPU kernel (once per machine, ~30 s)")
+                _module = load_extension(
+                    name=f"peft_qpa_ry_layers_{_cpu_fingerprint()}",
+                    sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-march=native"],
+                    verbose=False,
+                )
+                _error = None
+            except Exception as exc:  # no compiler, no ninja, unsupported platform...
+                _error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+                if setting == "on":
+                    raise RuntimeError(f"{ENV_VAR}=1 but the fused CPU kernel could not be built: {_error}") from exc
+                logger.warning(
+                    "peft_qpa: the fused CPU kernel could not be built, so the simulator uses its (slower) "
+                    "torch path. Install a C++ compiler and ninja to get it, or set %s=0 to silence this. "
+                    "Reason: %s", ENV_VAR, _error.splitlines()[0] if _error else "unknown")
+    return _module
+
+
+def error() -> str | None:
+    """Why the last build failed (None if it did not fail or was not attempted)."""
+    return _error
+
+
+def ry_layer_forward(state: torch.Tensor, perm, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """A new state: ``state[perm]`` (if perm is not None), then RY on every qubit (cos/sin of θ_q / 2)."""
+    return load().ry_layer_forward(state, perm, cos, sin)
+
+
+def ry_layer_backward(y: torch.Tensor, lam: torch.Tensor, perm, cos: torch.Tensor, sin: torch.Tensor):
+    """Undo the layer that produced ``y``: (its input, dL/dinput, dL/dθ in float64). Overwrites y and lam."""
+    return load().ry_layer_backward(y, lam, perm, cos, sin)
