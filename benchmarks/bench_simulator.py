@@ -1,11 +1,13 @@
 """The exact torch statevector simulator: forward+backward time, peak memory and a bandwidth bound.
 
-For every N (default 8, 10, ..., 20), dtype and gradient mode (``--gradients``, default both
-``autograd`` and ``adjoint``) it builds ``build_ansatz(N, L)`` and times
-``p = StatevectorSimulator(circuit, gradient=mode)(angles); (p * w).sum().backward()`` (median over
-``--repeats`` after ``--warmup``). ``autograd`` keeps the input of every block matmul; ``adjoint``
-keeps only the final state and reconstructs the earlier ones in the backward sweep (see
-``peft_qpa/simulator.py``); ``gradient="auto"``, the simulator's default, picks one of the two by N. Aer statevector with its one-job parameter-shift gradient
+For every N (default 8, 10, ..., 20), dtype and variant (``--variants``, default all three) it builds
+``build_ansatz(N, L)`` and times
+``p = StatevectorSimulator(circuit, gradient=..., kernel=...)(angles); (p * w).sum().backward()``
+(median over ``--repeats`` after ``--warmup``). The variants (see ``peft_qpa/simulator.py``):
+``autograd`` (torch ops, autograd keeps the input of every block matmul), ``adjoint`` (torch ops, the
+adjoint backward keeps only the final state and reconstructs the earlier ones) and ``fused`` (the
+adjoint backward in the compiled CPU kernel of ``peft_qpa/fused_kernel.py``, the simulator's default
+on CPU). Aer statevector with its one-job parameter-shift gradient
 (``peft_qpa.aer.AerProbabilities``, 2P+1 circuits) is timed the same way up to ``--aer-max-qubits``
 (default 20) and while one Aer step stays under ``--aer-stop-seconds``; repeats stop once their total
 passes ``--aer-max-seconds`` (a slow N is timed once); larger N are recorded as ``"not run"``
@@ -23,8 +25,8 @@ copy bandwidth (``dst.copy_(src)`` of a ``--copy-mib`` tensor, read+write bytes 
 means: every layer (a rotation on every qubit and the CNOT chain, fused) reads and writes the state
 once in the forward pass; the backward pass per layer reads the incoming gradient and the saved layer
 input and writes the outgoing gradient (3 transfers); the final squaring costs 2 forward and 3
-backward transfers. Total (5L + 5) state-sized transfers, the same bound for both gradient modes. The
-benchmark also reports the bytes of the passes each mode actually makes (one read+write per Kronecker
+backward transfers. Total (5L + 5) state-sized transfers, the same bound for every variant. The
+benchmark also reports the bytes of the passes each variant actually makes (one read+write per Kronecker
 block matmul and per permutation, plus the int64 index reads) against the same bandwidth.
 
 Compute floor: the bandwidth bound assumes the arithmetic is free. It is not on a CPU core, so the
@@ -67,6 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from peft_qpa.circuit import build_ansatz  # noqa: E402
+from peft_qpa import fused_kernel  # noqa: E402
 from peft_qpa.simulator import StatevectorSimulator, _PermutationStage, _RotationStage  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -167,7 +170,10 @@ def minimal_flops(n_qubits: int, depth: int, is_complex: bool) -> int:
     return (11 * n_qubits * depth + 3) * 2**n_qubits * (4 if is_complex else 1)
 
 
-def implementation_bytes(sim: StatevectorSimulator, amp_bytes: int, gradient: str = "autograd") -> int:
+VARIANTS = {"autograd": ("autograd", "torch"), "adjoint": ("adjoint", "torch"), "fused": ("adjoint", "fused")}
+
+
+def implementation_bytes(sim: StatevectorSimulator, amp_bytes: int, variant: str = "autograd") -> int:
     """Bytes the implemented passes move (forward + backward), from the simulator's stages.
 
     autograd: rotation block matmul y = B x: forward R x + W y; backward R g + W grad_x
@@ -178,11 +184,29 @@ def implementation_bytes(sim: StatevectorSimulator, amp_bytes: int, gradient: st
     adjoint: block forward R x + W y; backward R y + W x (x = B^T y), R λ + W λ_x and R λ + R y
     (grad_B = (λ y^T) B). Permutation: forward once, backward twice (state and λ). First layer: W once,
     backward R λ twice (the column gradients and λ contracted with each column). Squaring: 2 forward;
-    backward R g + R ψ + W λ and the in-place doubling R λ + W λ."""
+    backward R g + R ψ + W λ and the in-place doubling R λ + W λ.
+
+    fused: a layer forward is one tile sweep (R x through the gather + W) and, for N > TILE_BITS, one
+    strip sweep (R + W); its backward the same sweeps over the state and λ (R + W each), plus the
+    scatter writes of both through the permutation. The CNOT chain is computed, not read. The first
+    layer: W once forward, one backward layer without permutation. The trailing permutation and the
+    squaring as for adjoint."""
     size = 2**sim.n_qubits
     state = size * amp_bytes
     index = size * 8
-    adjoint = gradient == "adjoint"
+    if variant == "fused":
+        sweeps = 1 if sim.n_qubits <= fused_kernel.TILE_BITS else 2
+        total = state + 2 * sweeps * 2 * state  # first layer
+        for step in sim._fused_steps:
+            permutation = step.permutation
+            extra = 0 if permutation is None or permutation.chain else index
+            if step.layer is None:
+                total += 3 * (2 * state + index)
+            else:
+                total += sweeps * 2 * state + extra  # forward
+                total += sweeps * 2 * 2 * state + (2 * state + extra if permutation is not None else 0)
+        return total + 7 * state
+    adjoint = variant == "adjoint"
     total = 0
     for i, stage in enumerate(sim._stages):
         if isinstance(stage, _PermutationStage):
@@ -211,10 +235,11 @@ def write_results(payload: dict, out: Path, name: str, plot_fn) -> dict:
     return payload
 
 
-def simulation_case(n: int, dtype_name: str, gradient: str, args):
+def simulation_case(n: int, dtype_name: str, variant: str, args):
     """(simulator, seeded angles, fwd_bwd) for one benchmark cell: fwd_bwd runs (p · w).sum().backward()."""
     circuit = build_ansatz(n, args.depth, args.ansatz)
-    sim = StatevectorSimulator(circuit, gradient=gradient)
+    gradient, kernel = VARIANTS[variant]
+    sim = StatevectorSimulator(circuit, gradient=gradient, kernel=kernel)
     dtype = DTYPES[dtype_name]
     angles = (torch.rand(circuit.num_parameters, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
               * 2 * math.pi).to(dtype)
@@ -227,9 +252,9 @@ def simulation_case(n: int, dtype_name: str, gradient: str, args):
     return sim, angles, fwd_bwd
 
 
-def torch_row(n: int, dtype_name: str, gradient: str, args) -> dict:
+def torch_row(n: int, dtype_name: str, variant: str, args) -> dict:
     t0 = time.perf_counter()
-    sim, angles, fwd_bwd = simulation_case(n, dtype_name, gradient, args)
+    sim, angles, fwd_bwd = simulation_case(n, dtype_name, variant, args)
     setup_s = time.perf_counter() - t0
 
     def fwd():
@@ -241,11 +266,12 @@ def torch_row(n: int, dtype_name: str, gradient: str, args) -> dict:
     amp_bytes = angles.element_size() * (2 if sim.is_complex else 1)
     state_bytes = 2**n * amp_bytes
     return {
-        "backend": "torch_statevector", "gradient": gradient, "n_qubits": n, "depth": args.depth,
+        "backend": "torch_statevector", "variant": variant, "gradient": VARIANTS[variant][0],
+        "kernel": VARIANTS[variant][1], "n_qubits": n, "depth": args.depth,
         "ansatz": args.ansatz, "dtype": dtype_name, "n_angles": sim.num_parameters, "setup_s": setup_s,
         "fwd_bwd_s_median": med, "fwd_bwd_s_min": best, "fwd_bwd_s_all": times, "fwd_s_median": fwd_med,
         "state_bytes": state_bytes, "minimal_bytes": minimal_transfers(args.depth) * state_bytes,
-        "implementation_bytes": implementation_bytes(sim, amp_bytes, gradient),
+        "implementation_bytes": implementation_bytes(sim, amp_bytes, variant),
         "minimal_flops": minimal_flops(n, args.depth, sim.is_complex),
     }
 
@@ -282,13 +308,13 @@ def aer_row(n: int, args) -> dict:
 
 
 def memory_probe(args) -> dict:
-    """(subprocess) peak RSS increase of one forward+backward after a warm-up one, per (N, dtype, gradient)."""
-    return {f"{n}/{d}/{g}": one_memory_probe(n, d, g, args)
-            for n in sorted(args.qubits) for d in args.dtypes for g in args.gradients}
+    """(subprocess) peak RSS increase of one forward+backward after a warm-up one, per (N, dtype, variant)."""
+    return {f"{n}/{d}/{v}": one_memory_probe(n, d, v, args)
+            for n in sorted(args.qubits) for d in args.dtypes for v in args.variants}
 
 
-def one_memory_probe(n: int, dtype_name: str, gradient: str, args) -> int | None:
-    _, _, fwd_bwd = simulation_case(n, dtype_name, gradient, args)
+def one_memory_probe(n: int, dtype_name: str, variant: str, args) -> int | None:
+    _, _, fwd_bwd = simulation_case(n, dtype_name, variant, args)
 
     fwd_bwd()
     return peak_rss_delta(fwd_bwd)
@@ -308,29 +334,31 @@ def plot(payload: dict, path: Path) -> None:
     rows = payload["results"]
     bw = payload["meta"]["copy_bandwidth_bytes_per_s"]
     fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(13, 5))
-    for (dtype_name, color), (gradient, marker) in [(d, g) for d in (("float32", "C0"), ("float64", "C1"))
-                                                    for g in (("autograd", "o"), ("adjoint", "^"))]:
+    styles = {"autograd": ("o", "-"), "adjoint": ("^", "--"), "fused": ("s", "-")}
+    first_variant = next((r.get("variant", r.get("gradient")) for r in rows if r["backend"] == "torch_statevector"), None)
+    for (dtype_name, color), variant in [(d, v) for d in (("float32", "C0"), ("float64", "C1")) for v in styles]:
         sel = sorted((r for r in rows if r["backend"] == "torch_statevector" and r["dtype"] == dtype_name
-                      and r.get("gradient", "autograd") == gradient), key=lambda r: r["n_qubits"])
+                      and r.get("variant", r.get("gradient")) == variant), key=lambda r: r["n_qubits"])
         if not sel:
             continue
         ns = [r["n_qubits"] for r in sel]
-        line = "-" if gradient == "autograd" else "--"
-        ax_t.plot(ns, [r["fwd_bwd_s_median"] for r in sel], marker + line, color=color,
-                  label=f"torch {dtype_name} {gradient} fwd+bwd")
-        if gradient == "autograd" or not any(r.get("gradient", "autograd") == "autograd" for r in rows):
+        marker, line = styles[variant]
+        width = 2.2 if variant == "fused" else 1.2
+        ax_t.plot(ns, [r["fwd_bwd_s_median"] for r in sel], marker + line, color=color, linewidth=width,
+                  label=f"{dtype_name} {variant} fwd+bwd")
+        if variant == first_variant:
             ax_t.plot(ns, [r["minimal_bytes"] / bw for r in sel], ":", color=color, label=f"bandwidth bound {dtype_name}")
             if all("compute_floor_s" in r for r in sel):
                 ax_t.plot(ns, [r["compute_floor_s"] for r in sel], "-.", color=color, linewidth=1,
                           label=f"compute floor {dtype_name}")
-        ax_r.plot(ns, [r["ratio_to_bound"] for r in sel], marker + line, color=color,
-                  label=f"time / bound ({dtype_name}, {gradient})")
+        ax_r.plot(ns, [r["ratio_to_bound"] for r in sel], marker + line, color=color, linewidth=width,
+                  label=f"time / bound ({dtype_name}, {variant})")
         # below the 64 KiB mmap threshold the allocations come from the heap: RSS does not follow them
         mem = [(r["n_qubits"], r.get("peak_memory_over_state")) for r in sel
                if r.get("peak_memory_over_state") and r["state_bytes"] >= MMAP_THRESHOLD]
         if mem:
             ax_r.plot(*zip(*mem), marker + ":", color=color, markerfacecolor="none",
-                      label=f"peak memory / statevector ({dtype_name}, {gradient})")
+                      label=f"peak memory / statevector ({dtype_name}, {variant})")
     aer = sorted((r for r in rows if r["backend"] == "aer_statevector_param_shift" and "fwd_bwd_s_median" in r),
                  key=lambda r: r["n_qubits"])
     if aer:
@@ -358,8 +386,8 @@ def main(argv=None):
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--ansatz", default="ry_cnot", choices=["ry_cnot", "rx_cnot"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=list(DTYPES))
-    parser.add_argument("--gradients", nargs="+", default=["autograd", "adjoint"], choices=["autograd", "adjoint"],
-                        help="StatevectorSimulator(gradient=...) modes to measure")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="autograd / adjoint (torch ops) / fused (compiled CPU kernel, adjoint backward)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--aer-max-qubits", type=int, default=20, help="largest N timed on Aer")
@@ -396,9 +424,12 @@ def main(argv=None):
     flop_rates = {d: matmul_flop_rate(args.matmul_size, DTYPES[d]) for d in args.dtypes}
     print("peak matmul rate: " + ", ".join(f"{d} {r / 1e9:.1f} GFLOP/s" for d, r in flop_rates.items()), flush=True)
     probe = {}
-    if not args.no_memory:  # one fresh subprocess measures every (N, dtype, gradient), before the timings
+    if "fused" in args.variants and fused_kernel.load() is None:
+        print(f"fused kernel unavailable ({fused_kernel.error() or 'turned off'}): not measured", flush=True)
+        args.variants = [v for v in args.variants if v != "fused"]
+    if not args.no_memory:  # one fresh subprocess measures every (N, dtype, variant), before the timings
         probe = run_memory_probe(Path(__file__), ["--memory-probe", "--qubits", *map(str, args.qubits),
-                                                  "--dtypes", *args.dtypes, "--gradients", *args.gradients,
+                                                  "--dtypes", *args.dtypes, "--variants", *args.variants,
                                                   "--depth", str(args.depth),
                                                   "--ansatz", args.ansatz, "--threads", str(args.threads)])
         if "error" in probe:
@@ -406,8 +437,8 @@ def main(argv=None):
     results = []
     for n in sorted(args.qubits):
         for dtype_name in args.dtypes:
-            for gradient in args.gradients:
-                row = torch_row(n, dtype_name, gradient, args)
+            for variant in args.variants:
+                row = torch_row(n, dtype_name, variant, args)
                 row["bound_s"] = row["minimal_bytes"] / bw
                 row["ratio_to_bound"] = row["fwd_bwd_s_median"] / row["bound_s"]
                 row["implementation_bytes_s"] = row["implementation_bytes"] / bw
@@ -415,11 +446,11 @@ def main(argv=None):
                 row["roofline_s"] = max(row["bound_s"], row["compute_floor_s"])
                 row["ratio_to_roofline"] = row["fwd_bwd_s_median"] / row["roofline_s"]
                 if not args.no_memory:
-                    row["peak_memory_bytes"] = probe.get(f"{n}/{dtype_name}/{gradient}")
+                    row["peak_memory_bytes"] = probe.get(f"{n}/{dtype_name}/{variant}")
                     if row["peak_memory_bytes"]:
                         row["peak_memory_over_state"] = row["peak_memory_bytes"] / row["state_bytes"]
                 results.append(row)
-                print(f"torch {dtype_name} {gradient:8s} N={n:2d} fwd+bwd {row['fwd_bwd_s_median'] * 1e3:9.2f} ms  "
+                print(f"torch {dtype_name} {variant:8s} N={n:2d} fwd+bwd {row['fwd_bwd_s_median'] * 1e3:9.2f} ms  "
                       f"(fwd {row['fwd_s_median'] * 1e3:8.2f} ms)  bound {row['bound_s'] * 1e3:8.2f} ms  "
                       f"ratio {row['ratio_to_bound']:6.1f}  compute floor {row['compute_floor_s'] * 1e3:8.2f} ms  "
                       f"ratio to roofline {row['ratio_to_roofline']:5.1f}  "
@@ -444,7 +475,7 @@ def main(argv=None):
     for aer in (r for r in results if r["backend"] == "aer_statevector_param_shift" and r["status"] == "run"):
         for r in results:
             if r["backend"] == "torch_statevector" and r["n_qubits"] == aer["n_qubits"]:
-                speedups.append({"n_qubits": aer["n_qubits"], "dtype": r["dtype"], "gradient": r["gradient"],
+                speedups.append({"n_qubits": aer["n_qubits"], "dtype": r["dtype"], "variant": r["variant"],
                                  "speedup_vs_aer": aer["fwd_bwd_s_median"] / r["fwd_bwd_s_median"]})
 
     import qiskit
@@ -458,7 +489,9 @@ def main(argv=None):
             "args": {k: v for k, v in vars(args).items() if k not in ("plot_only", "memory_probe")},
             "copy_bandwidth_bytes_per_s": bw,
             "matmul_flops_per_s": flop_rates,
-            "timed": "sim = StatevectorSimulator(circuit, gradient=row['gradient']); "
+            "fused_kernel": {"available": fused_kernel.load() is not None, "error": fused_kernel.error(),
+                             "tile_bits": fused_kernel.TILE_BITS, "strip": fused_kernel.STRIP},
+            "timed": "sim = StatevectorSimulator(circuit, gradient=row['gradient'], kernel=row['kernel']); "
                      "a = angles.requires_grad_(); (sim(a) * w).sum().backward(); median over repeats",
             "memory": "peak RSS increase during one fwd+bwd after a warm-up, fresh subprocess, "
                       "MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset via /proc/self/clear_refs",

@@ -45,9 +45,13 @@ def test_bench_simulator_schema(tmp_path):
     assert meta["copy_bandwidth_bytes_per_s"] > 0
     rows = payload["results"]
     torch_rows = [r for r in rows if r["backend"] == "torch_statevector"]
-    for gradient in ("autograd", "adjoint"):  # both gradient modes are measured by default
-        assert [r["n_qubits"] for r in torch_rows if r["gradient"] == gradient] == [3, 4]
-    assert len(torch_rows) == 4
+    from peft_qpa import fused_kernel
+
+    variants = ["autograd", "adjoint"] + (["fused"] if fused_kernel.load() is not None else [])
+    assert meta["fused_kernel"]["available"] == ("fused" in variants)
+    for variant in variants:  # every variant is measured by default
+        assert [r["n_qubits"] for r in torch_rows if r["variant"] == variant] == [3, 4]
+    assert len(torch_rows) == 2 * len(variants)
     for r in torch_rows:
         assert r["dtype"] == "float32" and r["depth"] == 8
         assert r["fwd_bwd_s_median"] > 0 and r["fwd_s_median"] > 0
@@ -63,7 +67,7 @@ def test_bench_simulator_schema(tmp_path):
     aer = {r["n_qubits"]: r for r in rows if r["backend"] == "aer_statevector_param_shift"}
     assert aer[3]["status"] == "run" and aer[3]["circuits_per_step"] == 2 * 8 * 3 + 1
     assert aer[4]["status"] == "not run" and "fwd_bwd_s_median" not in aer[4]  # nothing extrapolated
-    assert sorted((s["n_qubits"], s["gradient"]) for s in payload["speedups_vs_aer"]) == [(3, "adjoint"), (3, "autograd")]
+    assert sorted((s["n_qubits"], s["variant"]) for s in payload["speedups_vs_aer"]) == sorted((3, v) for v in variants)
     # the plot can be redrawn from the JSON alone
     bench_simulator.main(["--plot-only", str(tmp_path / "bench_simulator.json")])
 
