@@ -126,8 +126,8 @@ class QPAConfig(PeftConfig):
         default="statevector",
         metadata={
             "help": (
-                f"Where probabilities come from, one of {BACKENDS}: the exact torch statevector simulator (default, "
-                "autograd), Aer's statevector (parameter-shift gradients), or Aer shots (finite sampling, optional noise)."
+                f"Where probabilities come from, one of {BACKENDS}: the exact statevector simulator in torch (default; "
+                "adjoint gradients, compiled CPU kernel where it can be built), Aer's statevector (parameter-shift gradients), or Aer shots (finite sampling, optional noise)."
             )
         },
     )

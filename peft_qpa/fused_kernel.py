@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +36,10 @@ ENV_VAR = "PEFT_QPA_FUSED_KERNEL"
 # on one core (32 KiB tiles and 2 KiB strip rows were best; smaller strips thrash the cache sets).
 TILE_BITS = 13
 STRIP = 512
+
+# torch's build lock (a file in the build directory) outlives a process killed while compiling, and
+# the next build would then wait for it forever. A build takes ~1 minute, so an older lock is stale.
+STALE_LOCK_SECONDS = 600
 
 _lock = threading.Lock()
 _module = None
@@ -61,6 +67,26 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:10]
 
 
+def build_directory() -> Path:
+    """Where the kernel is built and cached: ``$TORCH_EXTENSIONS_DIR`` or torch's default root."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # the interpreter and torch versions fix the extension's ABI, as in torch's own layout
+    abi = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    return Path(get_default_build_root()) / abi / f"peft_qpa_ry_layers_{_cpu_fingerprint()}"
+
+
+def _remove_stale_lock(directory: Path) -> None:
+    lock = directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        logger.warning("peft_qpa: removing a stale build lock of the fused CPU kernel (%s, %.0f s old)", lock, age)
+        lock.unlink(missing_ok=True)
+
+
 def load():
     """The compiled module, or None when it is turned off or cannot be built (the reason: :func:`error`)."""
     global _module, _error
@@ -76,9 +102,14 @@ def load():
             try:
                 from torch.utils.cpp_extension import load as load_extension
 
-                logger.info("peft_qpa: building the fused CPU kernel (once per machine, ~30 s)")
+                directory = build_directory()
+                directory.mkdir(parents=True, exist_ok=True)
+                _remove_stale_lock(directory)
+                if not any(directory.glob("*.so")) and not any(directory.glob("*.pyd")):
+                    logger.warning("peft_qpa: building the fused CPU kernel (once per machine, about a minute)")
                 _module = load_extension(
-                    name=f"peft_qpa_ry_layers_{_cpu_fingerprint()}",
+                    name=directory.name,
+                    build_directory=str(directory),
                     sources=[str(SOURCE)],
                     extra_cflags=["-O3", "-march=native", f"-DQPA_TILE_BITS={TILE_BITS}", f"-DQPA_STRIP={STRIP}"],
                     verbose=False,

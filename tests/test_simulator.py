@@ -285,3 +285,19 @@ def test_fused_kernel_refuses_what_it_cannot_run():
     sim = StatevectorSimulator(build_ansatz(3, 2), kernel="fused")
     with pytest.raises(ValueError, match="CPU float32/float64"):
         sim(torch.zeros(6, dtype=torch.float16))
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    import os
+    import time
+
+    from peft_qpa import fused_kernel
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    fused_kernel._remove_stale_lock(tmp_path)
+    assert lock.exists()  # a build may be running in another process
+    old = time.time() - fused_kernel.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    fused_kernel._remove_stale_lock(tmp_path)
+    assert not lock.exists()  # left by a killed build: it would block every later build

@@ -3,10 +3,10 @@
 // A layer is: optionally a gather of the state by a permutation (the CNOT chain before it), then
 // RY(theta_q) on every qubit q. Qubit q is bit q of a basis index (Qiskit's little-endian order).
 // All rotations of a layer commute, so they are applied in the order that suits the memory:
-//   tile sweep:  for each tile of 2^t consecutive amplitudes (in L1/L2): the gather, the low
-//                kb = min(3, n) qubits as one 2^kb x 2^kb matrix per group of 2^kb amplitudes
-//                (butterflies with a stride below the SIMD width do not vectorize), then the other
-//                qubits below t as butterflies;
+//   tile sweep:  for each tile of 2^t consecutive amplitudes (in L1/L2): the gather, the low kb
+//                qubits (3 for float, 2 for double: one SIMD register) as one 2^kb x 2^kb matrix per
+//                register-sized group (butterflies with a stride below the SIMD width do not
+//                vectorize), then the other qubits below t as butterflies;
 //   strip sweep: for each strip of W consecutive columns of the (2^(n-t) x 2^t) view: the qubits
 //                t..n-1 as butterflies between rows.
 // Two passes over the state per layer instead of one per qubit.
@@ -35,8 +35,14 @@ namespace {
 #endif
 constexpr int TILE_BITS = QPA_TILE_BITS;  // amplitudes per tile: 2^TILE_BITS
 constexpr int64_t STRIP = QPA_STRIP;      // columns per strip of the high-qubit sweep
-constexpr int LANES = 8;           // independent accumulators (vectorizable without reassociation)
-constexpr int LOW_BITS = 3;
+// One 32-byte SIMD register of T: 8 floats or 4 doubles. The low qubits of a tile (as many as fit in
+// one register: 3 for float, 2 for double) form one small matrix applied per register-sized group;
+// the butterflies of the other qubits then have strides of at least a register. The accumulators of
+// the gradient contractions are also register-wide, so they vectorize without reassociation.
+template <typename T>
+constexpr int lanes() { return 32 / int(sizeof(T)); }
+template <typename T>
+constexpr int low_bits() { return lanes<T>() == 8 ? 3 : (lanes<T>() == 4 ? 2 : 1); }
 
 template <typename T>
 struct Layer {
@@ -49,7 +55,7 @@ struct Layer {
 
   Layer(int n_, const T* c_, const T* s_) : n(n_), c(c_), s(s_) {
     t = std::min(n, TILE_BITS);
-    kb = std::min(n, LOW_BITS);
+    kb = std::min(n, low_bits<T>());
     tile = int64_t(1) << t;
     ntiles = int64_t(1) << (n - t);
     dim = int64_t(1) << kb;
@@ -77,48 +83,52 @@ inline void apply_low_scalar(T* x, int64_t len, const T* m) {
   }
 }
 
-// The same for D = 8 with the group held in one vector (GCC/Clang vector extension): a column of M
-// times a broadcast amplitude, 8 times. Written out because the scalar form above is not vectorized.
+// The same with a group held in one register (GCC/Clang vector extension): a column of M times a
+// broadcast amplitude, D times. Written out because the scalar form above is not vectorized.
 template <typename T>
-inline void apply_low8(T* x, int64_t len, const T* m) {
-  typedef T V __attribute__((vector_size(8 * sizeof(T))));
-  V col[8];
-  for (int c = 0; c < 8; ++c) std::memcpy(&col[c], m + c * 8, sizeof(V));
-  for (int64_t g = 0; g < len; g += 8) {
+inline void apply_low_vec(T* x, int64_t len, const T* m) {
+  constexpr int D = lanes<T>();
+  typedef T V __attribute__((vector_size(32)));
+  V col[D];
+  for (int c = 0; c < D; ++c) std::memcpy(&col[c], m + c * D, sizeof(V));
+  for (int64_t g = 0; g < len; g += D) {
     V out = col[0] * x[g];
-    for (int c = 1; c < 8; ++c) out += col[c] * x[g + c];
+    for (int c = 1; c < D; ++c) out += col[c] * x[g + c];
     std::memcpy(x + g, &out, sizeof(V));
   }
 }
 
-// Offsets, inside its source group, of lane r of an output group under the CNOT chain (see Perm).
-constexpr int CHAIN_OFFSET[8] = {0, 3, 6, 5, 4, 7, 2, 1};
-
-// apply_low8 fused with the CNOT-chain gather: output group a (amplitudes 8a..8a+7) takes lanes 0-3
-// from source group G = a ^ (a << 1) and lanes 4-7 from G ^ 1, at CHAIN_OFFSET; M is applied on the
-// fly, so the gather costs broadcasts from two groups instead of a separate pass.
+// Where lane r of an output group reads its source under the CNOT chain (see Perm): lanes of the
+// lower half from group G = a ^ (a << 1), of the upper half from G ^ 1, at offset r ^ (r << 1).
 template <typename T>
-inline void apply_low8_chain(T* x, const T* src, int64_t a0, int64_t groups, int64_t group_mask, const T* m) {
-  typedef T V __attribute__((vector_size(8 * sizeof(T))));
-  V col[8];
-  for (int c = 0; c < 8; ++c) std::memcpy(&col[c], m + c * 8, sizeof(V));
+constexpr int chain_offset(int r) { return (r ^ (r << 1)) & (lanes<T>() - 1); }
+
+// apply_low_vec fused with the CNOT-chain gather: M is applied to the gathered lanes on the fly, so
+// the gather costs broadcasts from two source groups instead of a separate pass.
+template <typename T>
+inline void apply_low_chain(T* x, const T* src, int64_t a0, int64_t groups, int64_t group_mask, const T* m) {
+  constexpr int D = lanes<T>();
+  typedef T V __attribute__((vector_size(32)));
+  V col[D];
+  for (int c = 0; c < D; ++c) std::memcpy(&col[c], m + c * D, sizeof(V));
   for (int64_t a = a0; a < a0 + groups; ++a) {
     const int64_t g = a ^ ((a << 1) & group_mask);
-    const T* s0 = src + 8 * g;
-    const T* s1 = src + 8 * (g ^ 1);
-    V out = col[0] * s0[CHAIN_OFFSET[0]];
-    for (int c = 1; c < 4; ++c) out += col[c] * s0[CHAIN_OFFSET[c]];
-    for (int c = 4; c < 8; ++c) out += col[c] * s1[CHAIN_OFFSET[c]];
-    std::memcpy(x + 8 * (a - a0), &out, sizeof(V));
+    const T* s0 = src + D * g;
+    const T* s1 = src + D * (g ^ 1);
+    V out = col[0] * s0[chain_offset<T>(0)];
+    for (int c = 1; c < D / 2; ++c) out += col[c] * s0[chain_offset<T>(c)];
+    for (int c = D / 2; c < D; ++c) out += col[c] * s1[chain_offset<T>(c)];
+    std::memcpy(x + D * (a - a0), &out, sizeof(V));
   }
 }
 
 template <typename T>
 inline void apply_low(T* x, int64_t len, const T* m, int64_t dim) {
+  if (dim == lanes<T>()) return apply_low_vec(x, len, m);
   switch (dim) {
-    case 8: apply_low8(x, len, m); break;
     case 4: apply_low_scalar<T, 4>(x, len, m); break;
-    default: apply_low_scalar<T, 2>(x, len, m); break;
+    case 2: apply_low_scalar<T, 2>(x, len, m); break;
+    default: break;  // dim 1: no qubit
   }
 }
 
@@ -142,18 +152,19 @@ inline void undo_low_scalar(T* y, T* lam, int64_t len, const T* mt, T* acc) {
 }
 
 template <typename T>
-inline void undo_low8(T* y, T* lam, int64_t len, const T* mt, T* acc) {
-  typedef T V __attribute__((vector_size(8 * sizeof(T))));
-  V col[8], sums[8];
-  for (int c = 0; c < 8; ++c) {
-    std::memcpy(&col[c], mt + c * 8, sizeof(V));
-    sums[c] = V{} ;
+inline void undo_low_vec(T* y, T* lam, int64_t len, const T* mt, T* acc) {
+  constexpr int D = lanes<T>();
+  typedef T V __attribute__((vector_size(32)));
+  V col[D], sums[D];
+  for (int c = 0; c < D; ++c) {
+    std::memcpy(&col[c], mt + c * D, sizeof(V));
+    sums[c] = V{};
   }
-  for (int64_t g = 0; g < len; g += 8) {
+  for (int64_t g = 0; g < len; g += D) {
     V l, oy = col[0] * y[g], ol = col[0] * lam[g];
     std::memcpy(&l, lam + g, sizeof(V));
     sums[0] += l * y[g];
-    for (int c = 1; c < 8; ++c) {
+    for (int c = 1; c < D; ++c) {
       sums[c] += l * y[g + c];
       oy += col[c] * y[g + c];
       ol += col[c] * lam[g + c];
@@ -161,16 +172,17 @@ inline void undo_low8(T* y, T* lam, int64_t len, const T* mt, T* acc) {
     std::memcpy(y + g, &oy, sizeof(V));
     std::memcpy(lam + g, &ol, sizeof(V));
   }
-  for (int c = 0; c < 8; ++c)
-    for (int r = 0; r < 8; ++r) acc[c * 8 + r] += sums[c][r];
+  for (int c = 0; c < D; ++c)
+    for (int r = 0; r < D; ++r) acc[c * D + r] += sums[c][r];
 }
 
 template <typename T>
 inline void undo_low(T* y, T* lam, int64_t len, const T* mt, int64_t dim, T* acc) {
+  if (dim == lanes<T>()) return undo_low_vec(y, lam, len, mt, acc);
   switch (dim) {
-    case 8: undo_low8(y, lam, len, mt, acc); break;
     case 4: undo_low_scalar<T, 4>(y, lam, len, mt, acc); break;
-    default: undo_low_scalar<T, 2>(y, lam, len, mt, acc); break;
+    case 2: undo_low_scalar<T, 2>(y, lam, len, mt, acc); break;
+    default: break;
   }
 }
 
@@ -185,10 +197,11 @@ inline void rotate_pairs(T* __restrict a, T* __restrict b, int64_t len, T c, T s
 }
 
 // Undo (R^T) on (a, b) for the state and for lambda, accumulating lam_b * y_a - lam_a * y_b.
-// len is a multiple of LANES.
+// len is a multiple of lanes<T>() (acc has that many entries).
 template <typename T>
 inline void undo_pairs(T* __restrict ya, T* __restrict yb, T* __restrict la, T* __restrict lb, int64_t len,
                        T c, T s, T* __restrict acc) {
+  constexpr int LANES = lanes<T>();
   for (int64_t j0 = 0; j0 < len; j0 += LANES) {
     for (int l = 0; l < LANES; ++l) {
       const int64_t j = j0 + l;
@@ -218,8 +231,8 @@ void forward_impl(const T* src, T* dst, const Perm& perm, const Layer<T>& L) {
   at::parallel_for(0, L.ntiles, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       T* x = dst + b * L.tile;
-      if (perm.chain && L.n >= 4) {  // (n >= 4: lanes 4-7 come from another group)
-        apply_low8_chain(x, src, b * L.tile / 8, L.tile / 8, perm.mask >> 3, L.low);
+      if (perm.chain && L.n > L.kb && L.dim == lanes<T>()) {  // (n > kb: the upper lanes' group exists)
+        apply_low_chain(x, src, b * L.tile / L.dim, L.tile / L.dim, perm.mask >> L.kb, L.low);
       } else {
         if (perm.any()) {
           const int64_t base = b * L.tile;
@@ -263,13 +276,13 @@ void backward_impl(T* y, T* lam, T* x, T* lam_x, const Perm& perm, const Layer<T
         T* lb = lam + st * width;
         for (int q = L.t; q < L.n; ++q) {
           const int64_t h = int64_t(1) << (q - L.t);
-          T acc[LANES] = {};
+          T acc[lanes<T>()] = {};
           for (int64_t r0 = 0; r0 < L.ntiles; r0 += 2 * h)
             for (int64_t r = r0; r < r0 + h; ++r)
               undo_pairs(yb + r * L.tile, yb + (r + h) * L.tile, lb + r * L.tile, lb + (r + h) * L.tile, width,
                          L.c[q], L.s[q], acc);
           double sum = 0;
-          for (int l = 0; l < LANES; ++l) sum += acc[l];
+          for (int l = 0; l < lanes<T>(); ++l) sum += acc[l];
           partial[st * L.n + q] = sum;
         }
       }
@@ -282,11 +295,11 @@ void backward_impl(T* y, T* lam, T* x, T* lam_x, const Perm& perm, const Layer<T
       double* part = partial.data() + (nstrips + b) * L.n;
       for (int q = L.t - 1; q >= L.kb; --q) {
         const int64_t h = int64_t(1) << q;
-        T acc[LANES] = {};
+        T acc[lanes<T>()] = {};
         for (int64_t i0 = 0; i0 < L.tile; i0 += 2 * h)
           undo_pairs(yt + i0, yt + i0 + h, lt + i0, lt + i0 + h, h, L.c[q], L.s[q], acc);
         double sum = 0;
-        for (int l = 0; l < LANES; ++l) sum += acc[l];
+        for (int l = 0; l < lanes<T>(); ++l) sum += acc[l];
         part[q] = sum;
       }
       T acc[64] = {};
@@ -302,21 +315,22 @@ void backward_impl(T* y, T* lam, T* x, T* lam_x, const Perm& perm, const Layer<T
         part[q] = sum;
       }
       // the forward gathered x at source(i): scatter back (a bijection: no two writes collide)
-      if (perm.chain && L.n >= 4) {  // (n >= 4: lanes 4-7 come from another group)
-        const int64_t group_mask = perm.mask >> 3;
-        for (int64_t k = 0; k < L.tile; k += 8) {
-          const int64_t a = (b * L.tile + k) >> 3, g = a ^ ((a << 1) & group_mask);
-          T* x0 = x + 8 * g;
-          T* x1 = x + 8 * (g ^ 1);
-          T* l0 = lam_x + 8 * g;
-          T* l1 = lam_x + 8 * (g ^ 1);
-          for (int r = 0; r < 4; ++r) {
-            x0[CHAIN_OFFSET[r]] = yt[k + r];
-            l0[CHAIN_OFFSET[r]] = lt[k + r];
+      if (perm.chain && L.n > L.kb && L.dim == lanes<T>()) {
+        constexpr int D = lanes<T>();
+        const int64_t group_mask = perm.mask >> L.kb;
+        for (int64_t k = 0; k < L.tile; k += D) {
+          const int64_t a = (b * L.tile + k) / D, g = a ^ ((a << 1) & group_mask);
+          T* x0 = x + D * g;
+          T* x1 = x + D * (g ^ 1);
+          T* l0 = lam_x + D * g;
+          T* l1 = lam_x + D * (g ^ 1);
+          for (int r = 0; r < D / 2; ++r) {
+            x0[chain_offset<T>(r)] = yt[k + r];
+            l0[chain_offset<T>(r)] = lt[k + r];
           }
-          for (int r = 4; r < 8; ++r) {
-            x1[CHAIN_OFFSET[r]] = yt[k + r];
-            l1[CHAIN_OFFSET[r]] = lt[k + r];
+          for (int r = D / 2; r < D; ++r) {
+            x1[chain_offset<T>(r)] = yt[k + r];
+            l1[chain_offset<T>(r)] = lt[k + r];
           }
         }
       } else if (perm.any()) {

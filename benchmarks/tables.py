@@ -1,0 +1,118 @@
+"""Markdown tables for docs/performance.md, rendered from the benchmarks' JSON (never typed by hand).
+
+    python benchmarks/tables.py [--simulator benchmarks/results/bench_simulator.json]
+                                [--step benchmarks/results/bench_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("autograd", "adjoint", "fused")
+
+
+def ms(seconds: float) -> str:
+    value = seconds * 1e3
+    if value >= 1000:
+        return f"{seconds:.3g} s"
+    return f"{value:.3g} ms"
+
+
+def mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.3g} MiB"
+
+
+def _variant(row: dict) -> str:
+    return row.get("variant", row.get("gradient", "autograd"))
+
+
+def simulator_tables(payload: dict) -> str:
+    rows = payload["results"]
+    torch_rows = {(r["n_qubits"], r["dtype"], _variant(r)): r for r in rows if r["backend"] == "torch_statevector"}
+    aer = {r["n_qubits"]: r for r in rows if r["backend"] == "aer_statevector_param_shift"}
+    ns = sorted({key[0] for key in torch_rows})
+    dtypes = [d for d in ("float32", "float64") if any(key[1] == d for key in torch_rows)]
+    variants = [v for v in VARIANTS if any(key[2] == v for key in torch_rows)]
+    meta = payload["meta"]
+    out = [f"Copy bandwidth {meta['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; peak matmul rate "
+           + ", ".join(f"{d} {r / 1e9:.0f} GFLOP/s" for d, r in meta.get("matmul_flops_per_s", {}).items())
+           + f"; load average {meta['machine']['loadavg_start'][0]:.1f} → {meta['machine']['loadavg_end'][0]:.1f}.",
+           ""]
+    header = ["N"] + [f"{d} {v}" for d in dtypes for v in variants] + ["Aer + param-shift (circuits)"]
+    header += [f"speed-up vs Aer, {d} {v}" for d in dtypes for v in ("autograd", "fused") if v in variants]
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for n in ns:
+        cells = [str(n)]
+        cells += [ms(torch_rows[(n, d, v)]["fwd_bwd_s_median"]) if (n, d, v) in torch_rows else "—"
+                  for d in dtypes for v in variants]
+        a = aer.get(n)
+        ran = a is not None and a.get("status") == "run"
+        cells.append(f"{ms(a['fwd_bwd_s_median'])} ({a['circuits_per_step']})" if ran else "not run")
+        for d in dtypes:
+            for v in ("autograd", "fused"):
+                if v not in variants:
+                    continue
+                r = torch_rows.get((n, d, v))
+                cells.append(f"{a['fwd_bwd_s_median'] / r['fwd_bwd_s_median']:.0f}x" if ran and r else "—")
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "| N | dtype | variant | measured | bandwidth bound | **measured / bound** | compute floor | "
+            "measured / roofline | implementation passes | peak memory | **/ statevector** |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in [n for n in ns if n >= 16]:
+        for d in dtypes:
+            for v in variants:
+                r = torch_rows.get((n, d, v))
+                if r is None:
+                    continue
+                peak = r.get("peak_memory_bytes")
+                over = r.get("peak_memory_over_state")
+                out.append(
+                    f"| {n} | {d} | {v} | {ms(r['fwd_bwd_s_median'])} | {ms(r['bound_s'])} | "
+                    f"**{r['ratio_to_bound']:.1f}x** | {ms(r['compute_floor_s'])} | {r['ratio_to_roofline']:.1f}x | "
+                    f"{ms(r['implementation_bytes_s'])} | {mib(peak) if peak else '—'} | "
+                    f"{f'**{over:.1f}x**' if over else '—'} |")
+    return "\n".join(out)
+
+
+def step_tables(payload: dict) -> str:
+    variants = payload["variants"]
+    lora = variants["lora"]
+    out = ["| variant | N | chunk | trainable | step (median) | vs LoRA | generator fwd+bwd alone (share of step) "
+           "| AdamW state | peak memory, first step |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in variants.items():
+        if name == "lora":
+            out.append(f"| LoRA | — | — | {v['trainable_params']:,} | {v['step_s_median']:.3f} s | — | — | "
+                       f"{mib(v['optimizer_state_bytes'])} | {mib(v['peak_first_step_bytes'])} |")
+            continue
+        gen = v["generator_fwd_bwd_s"]
+        peak = v["peak_first_step_bytes"]
+        out.append(
+            f"| QPA | {v['n_qubits']} | {v['chunk_size']} | {v['trainable_params']:,} | {v['step_s_median']:.3f} s | "
+            f"**{v['overhead_vs_lora']:+.1%}** | {ms(gen)} ({gen / v['step_s_median']:.1%}) | "
+            f"{mib(v['optimizer_state_bytes'])} | {mib(peak)} (**{peak / lora['peak_first_step_bytes'] - 1:+.1%}**) |")
+    evaluation = payload.get("eval", {}).get("forward_s_median", {})
+    if evaluation:
+        out += ["", "| model | forward (median) |", "|---|---|"]
+        out += [f"| {name} | {ms(seconds)} |" for name, seconds in evaluation.items()]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--simulator", default=str(RESULTS / "bench_simulator.json"))
+    parser.add_argument("--step", default=str(RESULTS / "bench_step.json"))
+    args = parser.parse_args(argv)
+    text = []
+    if Path(args.simulator).exists():
+        text += ["## bench_simulator", "", simulator_tables(json.loads(Path(args.simulator).read_text())), ""]
+    if Path(args.step).exists():
+        text += ["## bench_step", "", step_tables(json.loads(Path(args.step).read_text())), ""]
+    print("\n".join(text))
+    return "\n".join(text)
+
+
+if __name__ == "__main__":
+    main()
