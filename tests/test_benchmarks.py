@@ -97,6 +97,8 @@ def test_bench_step_schema(tmp_path):
     assert qpa["generated_numbers_M"] == lora["trainable_params"]
     assert qpa["chunk_size"] == 64 and qpa["n_qubits"] >= 1
     assert "overhead_vs_lora" in qpa and qpa["generator_fwd_bwd_s"] > 0
+    ratios = [q / l for q, l in zip(qpa["step_s_all"], payload["variants"]["lora"]["step_s_all"])]
+    assert qpa["overhead_vs_lora_paired"] == pytest.approx(sorted(ratios)[len(ratios) // 2] - 1)
     profile = payload["profile"]
     assert profile["variant"] == "qpa_c64" and profile["top_ops"] and profile["generator_forward_cpu_s"] > 0
     forward = payload["eval"]["forward_s_median"]
