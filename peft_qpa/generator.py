@@ -201,12 +201,12 @@ class QPAGenerator(nn.Module):
         return self._raw_output(int(self.step)) + self.offset
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cut a flat vector into the named tensors (views)."""
-        out, start = {}, 0
-        for spec in self.specs:
-            out[spec.name] = flat[start : start + spec.numel].view(spec.shape)
-            start += spec.numel
-        return out
+        """Cut a flat vector into the named tensors (views).
+
+        One ``split`` rather than a slice per tensor: its backward concatenates the pieces' gradients
+        once, where each slice's backward would zero-fill and copy a gradient of all M numbers."""
+        pieces = torch.split(flat, [spec.numel for spec in self.specs])
+        return {spec.name: piece.view(spec.shape) for spec, piece in zip(self.specs, pieces)}
 
     # --- once per forward, cached in eval (plain attributes: never saved) ----------------------------
     def attach_snapshot(self, targets: dict[str, tuple[Any, str]]) -> None:
