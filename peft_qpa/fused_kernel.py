@@ -71,9 +71,10 @@ def build_directory() -> Path:
     """Where the kernel is built and cached: ``$TORCH_EXTENSIONS_DIR`` or torch's default root."""
     from torch.utils.cpp_extension import get_default_build_root
 
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     # the interpreter and torch versions fix the extension's ABI, as in torch's own layout
     abi = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
-    return Path(get_default_build_root()) / abi / f"peft_qpa_ry_layers_{_cpu_fingerprint()}"
+    return Path(root) / abi / f"peft_qpa_ry_layers_{_cpu_fingerprint()}"
 
 
 def _remove_stale_lock(directory: Path) -> None:

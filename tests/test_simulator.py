@@ -301,3 +301,11 @@ def test_stale_build_lock_is_removed(tmp_path):
     os.utime(lock, (old, old))
     fused_kernel._remove_stale_lock(tmp_path)
     assert not lock.exists()  # left by a killed build: it would block every later build
+
+
+def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
+    from peft_qpa import fused_kernel
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    directory = fused_kernel.build_directory()
+    assert directory.parent.parent == tmp_path and directory.name.startswith("peft_qpa_ry_layers_")
