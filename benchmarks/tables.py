@@ -71,7 +71,7 @@ def simulator_tables(payload: dict) -> str:
                 over = r.get("peak_memory_over_state")
                 out.append(
                     f"| {n} | {d} | {v} | {ms(r['fwd_bwd_s_median'])} | {ms(r['bound_s'])} | "
-                    f"**{r['ratio_to_bound']:.1f}x** | {ms(r['compute_floor_s'])} | {r['ratio_to_roofline']:.1f}x | "
+                    f"**{r['ratio_to_bound']:.2f}x** | {ms(r['compute_floor_s'])} | {r['ratio_to_roofline']:.2f}x | "
                     f"{ms(r['implementation_bytes_s'])} | {mib(peak) if peak else '—'} | "
                     f"{f'**{over:.1f}x**' if over else '—'} |")
     return "\n".join(out)
