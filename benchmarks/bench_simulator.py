@@ -235,6 +235,13 @@ def write_results(payload: dict, out: Path, name: str, plot_fn) -> dict:
     return payload
 
 
+def redraw(json_path: str, plot_fn) -> dict:
+    """``--plot-only``: redraw ``<name>.png`` beside its JSON from the JSON alone."""
+    payload = json.loads(Path(json_path).read_text())
+    plot_fn(payload, Path(json_path).with_suffix(".png"))
+    return payload
+
+
 def simulation_case(n: int, dtype_name: str, variant: str, args):
     """(simulator, seeded angles, fwd_bwd) for one benchmark cell: fwd_bwd runs (p · w).sum().backward()."""
     circuit = build_ansatz(n, args.depth, args.ansatz)
@@ -411,9 +418,7 @@ def main(argv=None):
         print("MEMORY_PROBE " + json.dumps(memory_probe(args)))
         return None
     if args.plot_only:
-        payload = json.loads(Path(args.plot_only).read_text())
-        plot(payload, Path(args.plot_only).with_suffix(".png"))
-        return payload
+        return redraw(args.plot_only, plot)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_simulator import machine_info, peak_rss_delta, run_memory_probe, write_results  # noqa: E402
+from bench_simulator import machine_info, peak_rss_delta, redraw, run_memory_probe, write_results  # noqa: E402
 
 warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -276,9 +276,7 @@ def main(argv=None):
         print("MEMORY_PROBE " + json.dumps(memory_probe(args.memory_probe, args)))
         return None
     if args.plot_only:
-        payload = json.loads(Path(args.plot_only).read_text())
-        plot(payload, Path(args.plot_only).with_suffix(".png"))
-        return payload
+        return redraw(args.plot_only, plot)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -131,12 +131,3 @@ def error() -> str | None:
     """Why the last build failed (None if it did not fail or was not attempted)."""
     return _error
 
-
-def ry_layer_forward(state: torch.Tensor, perm, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """A new state: ``state[perm]`` (if perm is not None), then RY on every qubit (cos/sin of θ_q / 2)."""
-    return load().ry_layer_forward(state, perm, cos, sin)
-
-
-def ry_layer_backward(y: torch.Tensor, lam: torch.Tensor, perm, cos: torch.Tensor, sin: torch.Tensor):
-    """Undo the layer that produced ``y``: (its input, dL/dinput, dL/dθ in float64). Overwrites y and lam."""
-    return load().ry_layer_backward(y, lam, perm, cos, sin)

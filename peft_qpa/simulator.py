@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from qiskit import QuantumCircuit
 
+from . import fused_kernel
 from .circuit import circuit_program
 
 # Qubits per Kronecker block: a 2^5 x 2^5 matrix keeps the matmul cheap while cutting passes 5-fold.
@@ -324,13 +325,19 @@ class StatevectorSimulator(torch.nn.Module):
                 raise ValueError("kernel='fused' runs on CPU float32/float64 angles; got "
                                  f"{angles.dtype} on {angles.device}. Use kernel='auto' to fall back to torch.")
             return None
-        from . import fused_kernel
-
         module = fused_kernel.load()
         if module is None and self.kernel == "fused":
             raise RuntimeError(f"kernel='fused' but the fused CPU kernel is unavailable: "
                                f"{fused_kernel.error() or fused_kernel.ENV_VAR + '=0 turns it off'}")
         return module
+
+    def _fused_permutation(self, permutation: "_PermutationStage | None"):
+        """(index tensor or None, chain flag) for the kernel: the CNOT chain is computed, not read."""
+        if permutation is None:
+            return None, False
+        if permutation.chain:
+            return None, True
+        return getattr(self, permutation.index), False
 
     def _fused_cos_sin(self, angles: torch.Tensor):
         half = angles[self._fused_angles] / 2  # (layers, N), qubit 0 first
@@ -349,8 +356,7 @@ class StatevectorSimulator(torch.nn.Module):
             if step.layer is None:
                 state = torch.index_select(state, 0, getattr(self, permutation.index))
                 continue
-            chain = permutation is not None and permutation.chain
-            index = getattr(self, permutation.index) if permutation is not None and not chain else None
+            index, chain = self._fused_permutation(permutation)
             out = torch.empty_like(state) if spare is None else spare
             module.ry_layer_forward(state, index, chain, cos[step.layer], sin[step.layer], out)
             spare, state = state, out
@@ -373,8 +379,7 @@ class StatevectorSimulator(torch.nn.Module):
                 continue
             if not y_is_owned:
                 y, y_is_owned = y.clone(), True
-            chain = permutation is not None and permutation.chain
-            index = getattr(self, permutation.index) if permutation is not None and not chain else None
+            index, chain = self._fused_permutation(permutation)
             if permutation is not None:
                 while len(spares) < 2:
                     spares.append(torch.empty_like(y))
