@@ -186,25 +186,25 @@ def implementation_bytes(sim: StatevectorSimulator, amp_bytes: int, variant: str
     backward R λ twice (the column gradients and λ contracted with each column). Squaring: 2 forward;
     backward R g + R ψ + W λ and the in-place doubling R λ + W λ.
 
-    fused: a layer forward is one tile sweep (R x through the gather + W) and, for N > TILE_BITS, one
-    strip sweep (R + W); its backward the same sweeps over the state and λ (R + W each), plus the
-    scatter writes of both through the permutation. The CNOT chain is computed, not read. The first
-    layer: W once forward, one backward layer without permutation. The trailing permutation and the
-    squaring as for adjoint."""
+    fused: a layer forward is one tile sweep (R x through the gather + W; the qubits inside a tile are
+    rotated in L1) and one pass (R + W) per three qubits above the tile; its backward one tile sweep
+    over the state and λ (R both through the gather of the following permutation, W both) and one pass
+    over both per two qubits above the tile. The CNOT chain is computed, not read; an index permutation
+    is read once forward and twice backward. The first layer: W once forward (the product state), its
+    backward like any layer's. The trailing permutation: one gather forward (R + W), fused into the last
+    layer's backward. The squaring as for adjoint."""
     size = 2**sim.n_qubits
     state = size * amp_bytes
     index = size * 8
     if variant == "fused":
-        sweeps = 1 if sim.n_qubits <= fused_kernel.TILE_BITS else 2
-        total = state + 2 * sweeps * 2 * state  # first layer
+        above = max(sim.n_qubits - fused_kernel.tile_bits(amp_bytes), 0)
+        layer = (1 + -(-above // 3)) * 2 * state + (1 + -(-above // 2)) * 4 * state
+        total = state + layer  # first layer
         for step in sim._fused_steps:
             permutation = step.permutation
-            extra = 0 if permutation is None or permutation.chain else index
-            if step.layer is None:
-                total += 3 * (2 * state + index)
-            else:
-                total += sweeps * 2 * state + extra  # forward
-                total += sweeps * 2 * 2 * state + (2 * state + extra if permutation is not None else 0)
+            if permutation is not None and not permutation.chain:
+                total += 3 * index
+            total += 2 * state if step.layer is None else layer
         return total + 7 * state
     adjoint = variant == "adjoint"
     total = 0
@@ -495,7 +495,7 @@ def main(argv=None):
             "copy_bandwidth_bytes_per_s": bw,
             "matmul_flops_per_s": flop_rates,
             "fused_kernel": {"available": fused_kernel.load() is not None, "error": fused_kernel.error(),
-                             "tile_bits": fused_kernel.TILE_BITS, "strip": fused_kernel.STRIP},
+                             "tile_bytes": fused_kernel.TILE_BYTES},
             "timed": "sim = StatevectorSimulator(circuit, gradient=row['gradient'], kernel=row['kernel']); "
                      "a = angles.requires_grad_(); (sim(a) * w).sum().backward(); median over repeats",
             "memory": "peak RSS increase during one fwd+bwd after a warm-up, fresh subprocess, "

@@ -2,10 +2,11 @@
 
 Applying a layer of RY rotations as Kronecker-block matmuls (the portable torch path in
 :mod:`peft_qpa.simulator`) costs 2^(k+1) flops per amplitude per block of k qubits and one pass over the
-state per block. The C++ kernel applies a whole layer (and the CNOT-chain gather before it) in two
-cache-blocked passes with 3 flops per amplitude per qubit, and undoes it in its adjoint backward with
-the angle gradients contracted on the way. On one CPU core it is ~3-5x faster at N >= 16
-(``docs/performance.md``). Its results equal the torch path's to float rounding, not bit for bit.
+state per block. The C++ kernel applies a whole layer (and the CNOT-chain gather before it) with
+3 flops per amplitude per qubit in SIMD registers, three qubits per load and store, one pass over each
+L1-sized tile plus one pass per three qubits above it; its adjoint backward undoes a layer the same way
+with the angle gradients contracted on the way. On one CPU core it is ~10x faster than the torch path at
+N >= 16 (``docs/performance.md``). Its results equal the torch path's to float rounding, not bit for bit.
 
 It is built with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; the ``ninja``
 package is a dependency) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default under
@@ -31,11 +32,16 @@ logger = logging.get_logger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "ry_layers.cpp"
 ENV_VAR = "PEFT_QPA_FUSED_KERNEL"
-# Cache blocking, passed to the compiler: tiles of 2^TILE_BITS amplitudes (qubits below TILE_BITS are
-# applied inside a tile), strips of STRIP columns for the qubits above. Chosen by timing N = 16 and 20
-# on one core (32 KiB tiles and 2 KiB strip rows were best; smaller strips thrash the cache sets).
-TILE_BITS = 13
-STRIP = 512
+# Cache blocking, passed to the compiler: tiles of TILE_BYTES (2^12 float32 or 2^11 float64 amplitudes;
+# the qubits below are rotated inside a tile, in L1), the qubits above in passes of three over the state.
+# Chosen by timing N = 16 and 20 on one core (8, 16 and 32 KiB; 16 KiB leaves room in L1 for the
+# gather's sources and, in the backward, for the state and its gradient side by side).
+TILE_BYTES = 16384
+
+
+def tile_bits(itemsize: int) -> int:
+    """Qubits rotated inside one tile for amplitudes of ``itemsize`` bytes (12 float32, 11 float64)."""
+    return (TILE_BYTES // itemsize).bit_length() - 1
 
 # torch's build lock (a file in the build directory) outlives a process killed while compiling, and
 # the next build would then wait for it forever. A build takes ~1 minute, so an older lock is stale.
@@ -112,7 +118,7 @@ def load():
                     name=directory.name,
                     build_directory=str(directory),
                     sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native", f"-DQPA_TILE_BITS={TILE_BITS}", f"-DQPA_STRIP={STRIP}"],
+                    extra_cflags=["-O3", "-march=native", f"-DQPA_TILE_BYTES={TILE_BYTES}"],
                     verbose=False,
                 )
                 _error = None

@@ -331,13 +331,14 @@ class StatevectorSimulator(torch.nn.Module):
                                f"{fused_kernel.error() or fused_kernel.ENV_VAR + '=0 turns it off'}")
         return module
 
-    def _fused_permutation(self, permutation: "_PermutationStage | None"):
-        """(index tensor or None, chain flag) for the kernel: the CNOT chain is computed, not read."""
+    def _fused_permutation(self, permutation: "_PermutationStage | None", inverse: bool = False):
+        """(index tensor or None, chain flag) for the kernel: the CNOT chain (or, with ``inverse``, its
+        inverse) is computed, not read."""
         if permutation is None:
             return None, False
         if permutation.chain:
             return None, True
-        return getattr(self, permutation.index), False
+        return getattr(self, permutation.inverse if inverse else permutation.index), False
 
     def _fused_cos_sin(self, angles: torch.Tensor):
         half = angles[self._fused_angles] / 2  # (layers, N), qubit 0 first
@@ -352,49 +353,46 @@ class StatevectorSimulator(torch.nn.Module):
             state = torch.outer(columns[q], state).reshape(-1)
         spare = None  # two buffers alternate as input and output of the layers
         for step in self._fused_steps:
-            permutation = step.permutation
-            if step.layer is None:
-                state = torch.index_select(state, 0, getattr(self, permutation.index))
-                continue
-            index, chain = self._fused_permutation(permutation)
+            index, chain = self._fused_permutation(step.permutation)
             out = torch.empty_like(state) if spare is None else spare
-            module.ry_layer_forward(state, index, chain, cos[step.layer], sin[step.layer], out)
+            if step.layer is None:  # the trailing CNOT chain
+                module.permute(state, index, chain, out)
+            else:
+                module.ry_layer_forward(state, index, chain, cos[step.layer], sin[step.layer], out)
             spare, state = state, out
         return state
 
     def _fused_sweep(self, angles: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, module) -> torch.Tensor:
-        """dL/dangles by an adjoint sweep over the fused steps, last to first, then the first layer (its
-        input |0...0> needs no reconstruction; the kernel contracts its gradients at its output, the
-        product state the sweep has reconstructed). Overwrites ``lam`` and the buffers it makes; never
-        ``y``, which may be the kept final state."""
+        """dL/dangles by an adjoint sweep over the layers, last to first. Each kernel call un-permutes its
+        inputs by the permutation that *follows* its layer (a gather, so no pass of its own and no
+        scatter), then undoes the layer and contracts its angle gradients. Overwrites ``lam`` and the
+        buffers it makes; never ``y``, which may be the kept final state."""
         cos, sin = self._fused_cos_sin(angles)
         grad = torch.zeros_like(angles)
+        rows, following = [0], {}  # layer rows in circuit order; the permutation after each row
+        for step in self._fused_steps:
+            if step.permutation is not None:
+                following[rows[-1]] = step.permutation
+            if step.layer is not None:
+                rows.append(step.layer)
         spares: list = []
-        y_is_owned = False
-        for step in reversed(self._fused_steps):
-            permutation = step.permutation
-            if step.layer is None:
-                inverse = getattr(self, permutation.inverse)
-                y, lam, y_is_owned = torch.index_select(y, 0, inverse), torch.index_select(lam, 0, inverse), True
-                continue
-            if not y_is_owned:
-                y, y_is_owned = y.clone(), True
-            index, chain = self._fused_permutation(permutation)
-            if permutation is not None:
+        owned = False  # whether y may be overwritten
+        for row in reversed(rows):
+            permutation = following.get(row)
+            if permutation is None:  # undone in place
+                if not owned:
+                    y, owned = y.clone(), True
+                y_out, lam_out = y, lam
+            else:
                 while len(spares) < 2:
                     spares.append(torch.empty_like(y))
-                x, lam_x, layer_grad = module.ry_layer_backward(y, lam, index, chain, cos[step.layer],
-                                                                sin[step.layer], spares[0], spares[1])
-                spares = [y, lam]  # consumed: reused as the next outputs
-            else:
-                x, lam_x, layer_grad = module.ry_layer_backward(y, lam, None, False, cos[step.layer],
-                                                                sin[step.layer], y, lam)
-            y, lam = x, lam_x
-            grad.index_add_(0, self._fused_angles[step.layer], layer_grad.to(grad.dtype))
-        if not y_is_owned:
-            y = y.clone()
-        _, _, layer_grad = module.ry_layer_backward(y, lam, None, False, cos[0], sin[0], y, lam)
-        grad.index_add_(0, self._fused_angles[0], layer_grad.to(grad.dtype))
+                y_out, lam_out = spares[0], spares[1]
+            index, inverse_chain = self._fused_permutation(permutation, inverse=True)
+            layer_grad = module.ry_layer_backward(y, lam, index, inverse_chain, cos[row], sin[row], y_out, lam_out)
+            if permutation is not None:
+                spares = [lam, y] if owned else [lam]  # consumed: reused as the next outputs
+            y, lam, owned = y_out, lam_out, True
+            grad.index_add_(0, self._fused_angles[row], layer_grad.to(grad.dtype))
         return grad
 
     def forward(self, angles: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,24 @@
 // Fused CPU kernels for full RY layers of a real-amplitude statevector (see peft_qpa/fused_kernel.py).
 //
-// A layer is: optionally a gather of the state by a permutation (the CNOT chain before it), then
-// RY(theta_q) on every qubit q. Qubit q is bit q of a basis index (Qiskit's little-endian order).
-// All rotations of a layer commute, so they are applied in the order that suits the memory:
-//   tile sweep:  for each tile of 2^t consecutive amplitudes (in L1/L2): the gather, the low kb
-//                qubits (3 for float, 2 for double: one SIMD register) as one 2^kb x 2^kb matrix per
-//                register-sized group (butterflies with a stride below the SIMD width do not
-//                vectorize), then the other qubits below t as butterflies;
-//   strip sweep: for each strip of W consecutive columns of the (2^(n-t) x 2^t) view: the qubits
-//                t..n-1 as butterflies between rows.
-// Two passes over the state per layer instead of one per qubit.
+// Forward, one layer: a gather of the state by a permutation (the CNOT chain before the layer, or an
+// index, or none), then RY(theta_q) on every qubit q (qubit q is bit q of a basis index, Qiskit's
+// little-endian order). The layer's rotations commute, so they are applied in the order that suits
+// the memory, in one 32-byte SIMD register (8 floats / 4 doubles) at a time:
+//   tile sweep: for each tile of TILE_BYTES (in L1), per register: the gather (the CNOT chain is two
+//               register loads and one two-source shuffle; no index is read), then the qubits inside
+//               the register ("lane" qubits: 3 for float, 2 for double) by in-register shuffles; then
+//               the other qubits of the tile, three at a time: 8 registers loaded, rotated, stored;
+//   high passes: the qubits above the tile, three at a time over the whole state (in L2/L3).
+// Register blocking makes the butterflies bound by arithmetic, not by loads and stores.
 //
-// Backward (adjoint): given the layer output y and lambda = dL/dy it undoes the layer in place
-// (R^T on every qubit, then a scatter through the permutation) and returns dL/dtheta. Because the
-// layer's rotations commute and RY'(theta) = J RY(theta) / 2 with J = RY(pi), which commutes with
-// every rotation of the layer, dL/dtheta_q = <lambda, J_q y> / 2 can be contracted at any point of
-// the undo sweep, from the values at hand. Per-tile and per-strip partial sums are added in a fixed
+// Backward (adjoint), one layer: given z = P y (the output of the layer, still permuted by the
+// permutation P that follows it; P = identity for the last layer without one) and mu = P lambda, it
+// gathers y = P^-1 z and lambda = P^-1 mu (P^-1 of the chain is a prefix XOR: again two loads and a
+// shuffle per register, instead of a scatter), undoes the layer (R^T on every qubit) and returns
+// dL/dtheta. Because the layer's rotations commute and RY'(theta) = J RY(theta) / 2 with J = RY(pi),
+// which commutes with every rotation of the layer, dL/dtheta_q = <lambda, J_q y> / 2 can be contracted
+// at any point of the undo, from the values at hand. The undo works two qubits at a time (y and lambda
+// together fill the registers). Partial sums (per tile, per chunk of a high pass) are added in a fixed
 // order, so results do not depend on the number of threads.
 
 #include <torch/extension.h>
@@ -27,335 +30,417 @@
 
 namespace {
 
-#ifndef QPA_TILE_BITS
-#define QPA_TILE_BITS 13
+#ifndef QPA_TILE_BYTES
+#define QPA_TILE_BYTES 16384
 #endif
-#ifndef QPA_STRIP
-#define QPA_STRIP 512
-#endif
-constexpr int TILE_BITS = QPA_TILE_BITS;  // amplitudes per tile: 2^TILE_BITS
-constexpr int64_t STRIP = QPA_STRIP;      // columns per strip of the high-qubit sweep
-// One 32-byte SIMD register of T: 8 floats or 4 doubles. The low qubits of a tile (as many as fit in
-// one register: 3 for float, 2 for double) form one small matrix applied per register-sized group;
-// the butterflies of the other qubits then have strides of at least a register. The accumulators of
-// the gradient contractions are also register-wide, so they vectorize without reassociation.
+
+template <typename T> struct Simd;
+template <> struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t M __attribute__((vector_size(32)));
+  static constexpr int lanes = 8, lane_bits = 3;
+};
+template <> struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef int64_t M __attribute__((vector_size(32)));
+  static constexpr int lanes = 4, lane_bits = 2;
+};
+
+// Tiles of QPA_TILE_BYTES (a power of two): qubits below tile_bits are rotated inside a tile.
+template <typename T> constexpr int tile_bits() {
+  int bits = 0;
+  while ((int64_t(1) << (bits + 1)) * int64_t(sizeof(T)) <= QPA_TILE_BYTES) ++bits;
+  return bits;
+}
+
 template <typename T>
-constexpr int lanes() { return 32 / int(sizeof(T)); }
+inline typename Simd<T>::V vload(const T* p) {
+  typename Simd<T>::V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
 template <typename T>
-constexpr int low_bits() { return lanes<T>() == 8 ? 3 : (lanes<T>() == 4 ? 2 : 1); }
+inline void vstore(T* p, typename Simd<T>::V v) { std::memcpy(p, &v, sizeof(v)); }
+
+// ------------------------------------------------------------------------------------------------
+// In-register shuffles (compile-time masks)
+// ------------------------------------------------------------------------------------------------
+
+// Lane partner under qubit q (q < lane_bits): v[r ^ 2^q].
+inline Simd<float>::V swap_lanes(Simd<float>::V v, int q) {
+  typedef Simd<float>::M M;
+  if (q == 0) return __builtin_shuffle(v, M{1, 0, 3, 2, 5, 4, 7, 6});
+  if (q == 1) return __builtin_shuffle(v, M{2, 3, 0, 1, 6, 7, 4, 5});
+  return __builtin_shuffle(v, M{4, 5, 6, 7, 0, 1, 2, 3});
+}
+inline Simd<double>::V swap_lanes(Simd<double>::V v, int q) {
+  typedef Simd<double>::M M;
+  if (q == 0) return __builtin_shuffle(v, M{1, 0, 3, 2});
+  return __builtin_shuffle(v, M{2, 3, 0, 1});
+}
+
+// The CNOT chain CNOT(0,1) CNOT(1,2) ... gathers y[i] = x[i ^ (i << 1)]. For register a (lanes
+// i = D a + r) the sources are registers g = a ^ (a << 1) (lanes of the lower half) and g ^ 1 (upper
+// half), lane r ^ (r << 1) mod D.
+inline Simd<float>::V chain_shuffle(Simd<float>::V lo, Simd<float>::V hi) {
+  return __builtin_shuffle(lo, hi, Simd<float>::M{0, 3, 6, 5, 12, 15, 10, 9});
+}
+inline Simd<double>::V chain_shuffle(Simd<double>::V lo, Simd<double>::V hi) {
+  return __builtin_shuffle(lo, hi, Simd<double>::M{0, 3, 6, 5});
+}
+// Its inverse x[j] = y[prefix_xor(j)] (bit k of prefix_xor(j) = j_0 ^ ... ^ j_k): lanes of even
+// parity read register prefix_xor(a), lanes of odd parity prefix_xor(a) ^ (all register bits), lane
+// prefix_xor(r).
+inline Simd<float>::V inverse_chain_shuffle(Simd<float>::V even, Simd<float>::V odd) {
+  return __builtin_shuffle(even, odd, Simd<float>::M{0, 15, 14, 1, 12, 3, 2, 13});
+}
+inline Simd<double>::V inverse_chain_shuffle(Simd<double>::V even, Simd<double>::V odd) {
+  return __builtin_shuffle(even, odd, Simd<double>::M{0, 7, 6, 1});
+}
+
+inline int64_t prefix_xor(int64_t a) {
+  for (int shift = 1; shift < 64; shift <<= 1) a ^= a << shift;
+  return a;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The permutation before a gather
+// ------------------------------------------------------------------------------------------------
+
+enum class Gather { none, chain, inverse_chain, index };
+
+struct Perm {
+  Gather kind = Gather::none;
+  const int64_t* index = nullptr;  // kind == index: y[i] = x[index[i]]
+  int64_t mask = 0;                // size - 1
+  int64_t source(int64_t i) const {
+    switch (kind) {
+      case Gather::chain: return i ^ ((i << 1) & mask);
+      case Gather::inverse_chain: return prefix_xor(i) & mask;
+      case Gather::index: return index[i];
+      default: return i;
+    }
+  }
+};
+
+// Register a of the gathered state (lanes D a .. D a + D - 1).
+template <typename T>
+inline typename Simd<T>::V gather_register(const T* src, int64_t a, const Perm& p) {
+  constexpr int D = Simd<T>::lanes, K = Simd<T>::lane_bits;
+  const int64_t groups = p.mask >> K;
+  switch (p.kind) {
+    case Gather::chain: {
+      const int64_t g = a ^ ((a << 1) & groups);
+      return chain_shuffle(vload(src + D * g), vload(src + D * (g ^ 1)));
+    }
+    case Gather::inverse_chain: {
+      const int64_t g = prefix_xor(a) & groups;
+      return inverse_chain_shuffle(vload(src + D * g), vload(src + D * (g ^ groups)));
+    }
+    case Gather::index: {
+      typename Simd<T>::V v;
+      for (int r = 0; r < D; ++r) v[r] = src[p.index[D * a + r]];
+      return v;
+    }
+    default: return vload(src + D * a);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// A layer's coefficients
+// ------------------------------------------------------------------------------------------------
 
 template <typename T>
 struct Layer {
-  int n, t, kb;
-  int64_t tile, ntiles, dim;  // dim = 2^kb
+  typedef typename Simd<T>::V V;
+  int n, t;                // qubits, tile qubits
+  int64_t size, tile, ntiles;
   const T* c;
   const T* s;
-  T low[64];     // low-qubit matrix, stored column-major: low[col * dim + row]
-  T low_t[64];   // its transpose, column-major
+  V lane_c[3], lane_s[3];  // lane qubit q: v' = c v + S (.) v[r ^ 2^q], S[r] = bit q of r ? s : -s
+  V lane_sign[3];          // +1 where bit q of the lane is 1, else -1
 
   Layer(int n_, const T* c_, const T* s_) : n(n_), c(c_), s(s_) {
-    t = std::min(n, TILE_BITS);
-    kb = std::min(n, low_bits<T>());
+    t = std::min(n, tile_bits<T>());
+    size = int64_t(1) << n;
     tile = int64_t(1) << t;
     ntiles = int64_t(1) << (n - t);
-    dim = int64_t(1) << kb;
-    for (int64_t row = 0; row < dim; ++row)
-      for (int64_t col = 0; col < dim; ++col) {
-        T v = 1;  // entry (row, col) of RY_{kb-1} x ... x RY_0
-        for (int q = 0; q < kb; ++q) {
-          const int r = (row >> q) & 1, k = (col >> q) & 1;
-          v *= r == k ? c[q] : (r ? s[q] : -s[q]);
-        }
-        low[col * dim + row] = v;
-        low_t[row * dim + col] = v;
+    for (int q = 0; q < Simd<T>::lane_bits && q < n; ++q)
+      for (int r = 0; r < Simd<T>::lanes; ++r) {
+        const bool one = (r >> q) & 1;
+        lane_c[q][r] = c[q];
+        lane_s[q][r] = one ? s[q] : -s[q];
+        lane_sign[q][r] = one ? T(1) : T(-1);
       }
   }
 };
 
-// x <- M x for every group of D consecutive amplitudes; m column-major. Generic (small n only).
-template <typename T, int D>
-inline void apply_low_scalar(T* x, int64_t len, const T* m) {
-  for (int64_t g = 0; g < len; g += D) {
-    T out[D] = {};
-    for (int col = 0; col < D; ++col)
-      for (int row = 0; row < D; ++row) out[row] += m[col * D + row] * x[g + col];
-    for (int row = 0; row < D; ++row) x[g + row] = out[row];
-  }
-}
+// ------------------------------------------------------------------------------------------------
+// Register-blocked butterflies
+// ------------------------------------------------------------------------------------------------
 
-// The same with a group held in one register (GCC/Clang vector extension): a column of M times a
-// broadcast amplitude, D times. Written out because the scalar form above is not vectorized.
-template <typename T>
-inline void apply_low_vec(T* x, int64_t len, const T* m) {
-  constexpr int D = lanes<T>();
-  typedef T V __attribute__((vector_size(32)));
-  V col[D];
-  for (int c = 0; c < D; ++c) std::memcpy(&col[c], m + c * D, sizeof(V));
-  for (int64_t g = 0; g < len; g += D) {
-    V out = col[0] * x[g];
-    for (int c = 1; c < D; ++c) out += col[c] * x[g + c];
-    std::memcpy(x + g, &out, sizeof(V));
-  }
-}
-
-// Where lane r of an output group reads its source under the CNOT chain (see Perm): lanes of the
-// lower half from group G = a ^ (a << 1), of the upper half from G ^ 1, at offset r ^ (r << 1).
-template <typename T>
-constexpr int chain_offset(int r) { return (r ^ (r << 1)) & (lanes<T>() - 1); }
-
-// apply_low_vec fused with the CNOT-chain gather: M is applied to the gathered lanes on the fly, so
-// the gather costs broadcasts from two source groups instead of a separate pass.
-template <typename T>
-inline void apply_low_chain(T* x, const T* src, int64_t a0, int64_t groups, int64_t group_mask, const T* m) {
-  constexpr int D = lanes<T>();
-  typedef T V __attribute__((vector_size(32)));
-  V col[D];
-  for (int c = 0; c < D; ++c) std::memcpy(&col[c], m + c * D, sizeof(V));
-  for (int64_t a = a0; a < a0 + groups; ++a) {
-    const int64_t g = a ^ ((a << 1) & group_mask);
-    const T* s0 = src + D * g;
-    const T* s1 = src + D * (g ^ 1);
-    V out = col[0] * s0[chain_offset<T>(0)];
-    for (int c = 1; c < D / 2; ++c) out += col[c] * s0[chain_offset<T>(c)];
-    for (int c = D / 2; c < D; ++c) out += col[c] * s1[chain_offset<T>(c)];
-    std::memcpy(x + D * (a - a0), &out, sizeof(V));
-  }
-}
-
-template <typename T>
-inline void apply_low(T* x, int64_t len, const T* m, int64_t dim) {
-  if (dim == lanes<T>()) return apply_low_vec(x, len, m);
-  switch (dim) {
-    case 4: apply_low_scalar<T, 4>(x, len, m); break;
-    case 2: apply_low_scalar<T, 2>(x, len, m); break;
-    default: break;  // dim 1: no qubit
-  }
-}
-
-// acc[col][row] += lam[g+row] * y[g+col] over the groups (values before the undo), then
-// y <- M^T y and lam <- M^T lam (mt: M^T, column-major). Generic (small n only).
-template <typename T, int D>
-inline void undo_low_scalar(T* y, T* lam, int64_t len, const T* mt, T* acc) {
-  for (int64_t g = 0; g < len; g += D) {
-    T oy[D] = {}, ol[D] = {};
-    for (int col = 0; col < D; ++col)
-      for (int row = 0; row < D; ++row) {
-        acc[col * D + row] += lam[g + row] * y[g + col];
-        oy[row] += mt[col * D + row] * y[g + col];
-        ol[row] += mt[col * D + row] * lam[g + col];
+// Qubits q..q+R-1 at element stride h = 2^q (h >= lanes), on elements [b0 + j, ...) for the bases b0
+// (multiples of h 2^R) and offsets j in [j0, j1) of one block.
+template <typename T, int R>
+inline void rotate_block(T* x, int64_t h, int64_t b0, int64_t j0, int64_t j1, const T* c, const T* s) {
+  typedef typename Simd<T>::V V;
+  constexpr int K = 1 << R;
+  for (int64_t j = j0; j < j1; j += Simd<T>::lanes) {
+    T* p = x + b0 + j;
+    V v[K];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) v[k] = vload(p + k * h);
+#pragma GCC unroll 3
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) {
+        if (k & (1 << r)) continue;
+        const V a = v[k], b = v[k | (1 << r)];
+        v[k] = c[r] * a - s[r] * b;
+        v[k | (1 << r)] = s[r] * a + c[r] * b;
       }
-    for (int row = 0; row < D; ++row) {
-      y[g + row] = oy[row];
-      lam[g + row] = ol[row];
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) vstore(p + k * h, v[k]);
+  }
+}
+
+// The same backwards (R^T) on y and lambda, accumulating lam_b y_a - lam_a y_b per qubit in acc.
+template <typename T, int R>
+inline void undo_block(T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t j1, const T* c, const T* s,
+                       typename Simd<T>::V* acc) {
+  typedef typename Simd<T>::V V;
+  constexpr int K = 1 << R;
+  for (int64_t j = j0; j < j1; j += Simd<T>::lanes) {
+    T* py = y + b0 + j;
+    T* pl = lam + b0 + j;
+    V vy[K], vl[K];
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      vy[k] = vload(py + k * h);
+      vl[k] = vload(pl + k * h);
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k) {
+        if (k & (1 << r)) continue;
+        const int k1 = k | (1 << r);
+        const V u = vy[k], v = vy[k1], p = vl[k], q = vl[k1];
+        acc[r] += q * u - p * v;
+        vy[k] = c[r] * u + s[r] * v;
+        vy[k1] = c[r] * v - s[r] * u;
+        vl[k] = c[r] * p + s[r] * q;
+        vl[k1] = c[r] * q - s[r] * p;
+      }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      vstore(py + k * h, vy[k]);
+      vstore(pl + k * h, vl[k]);
     }
   }
 }
 
 template <typename T>
-inline void undo_low_vec(T* y, T* lam, int64_t len, const T* mt, T* acc) {
-  constexpr int D = lanes<T>();
-  typedef T V __attribute__((vector_size(32)));
-  V col[D], sums[D];
-  for (int c = 0; c < D; ++c) {
-    std::memcpy(&col[c], mt + c * D, sizeof(V));
-    sums[c] = V{};
-  }
-  for (int64_t g = 0; g < len; g += D) {
-    V l, oy = col[0] * y[g], ol = col[0] * lam[g];
-    std::memcpy(&l, lam + g, sizeof(V));
-    sums[0] += l * y[g];
-    for (int c = 1; c < D; ++c) {
-      sums[c] += l * y[g + c];
-      oy += col[c] * y[g + c];
-      ol += col[c] * lam[g + c];
+inline double lane_sum(typename Simd<T>::V v) {
+  double sum = 0;
+  for (int r = 0; r < Simd<T>::lanes; ++r) sum += v[r];
+  return sum;
+}
+
+// Qubits q0..q0+count-1 of a contiguous block of len elements (h0 = 2^q0), R <= 3 at a time.
+template <typename T>
+inline void rotate_qubits(T* x, int64_t len, int64_t h0, int count, const T* c, const T* s) {
+  for (int done = 0; done < count;) {
+    const int R = std::min(3, count - done);
+    const int64_t h = h0 << done;
+    for (int64_t b0 = 0; b0 < len; b0 += h << R) {
+      if (R == 3) rotate_block<T, 3>(x, h, b0, 0, h, c + done, s + done);
+      else if (R == 2) rotate_block<T, 2>(x, h, b0, 0, h, c + done, s + done);
+      else rotate_block<T, 1>(x, h, b0, 0, h, c + done, s + done);
     }
-    std::memcpy(y + g, &oy, sizeof(V));
-    std::memcpy(lam + g, &ol, sizeof(V));
-  }
-  for (int c = 0; c < D; ++c)
-    for (int r = 0; r < D; ++r) acc[c * D + r] += sums[c][r];
-}
-
-template <typename T>
-inline void undo_low(T* y, T* lam, int64_t len, const T* mt, int64_t dim, T* acc) {
-  if (dim == lanes<T>()) return undo_low_vec(y, lam, len, mt, acc);
-  switch (dim) {
-    case 4: undo_low_scalar<T, 4>(y, lam, len, mt, acc); break;
-    case 2: undo_low_scalar<T, 2>(y, lam, len, mt, acc); break;
-    default: break;
+    done += R;
   }
 }
 
-// Butterflies a' = c a - s b, b' = s a + c b between a[j] and b[j], j < len.
 template <typename T>
-inline void rotate_pairs(T* __restrict a, T* __restrict b, int64_t len, T c, T s) {
-  for (int64_t j = 0; j < len; ++j) {
-    const T u = a[j], v = b[j];
-    a[j] = c * u - s * v;
-    b[j] = s * u + c * v;
-  }
-}
-
-// Undo (R^T) on (a, b) for the state and for lambda, accumulating lam_b * y_a - lam_a * y_b.
-// len is a multiple of lanes<T>() (acc has that many entries).
-template <typename T>
-inline void undo_pairs(T* __restrict ya, T* __restrict yb, T* __restrict la, T* __restrict lb, int64_t len,
-                       T c, T s, T* __restrict acc) {
-  constexpr int LANES = lanes<T>();
-  for (int64_t j0 = 0; j0 < len; j0 += LANES) {
-    for (int l = 0; l < LANES; ++l) {
-      const int64_t j = j0 + l;
-      const T u = ya[j], v = yb[j], p = la[j], q = lb[j];
-      acc[l] += q * u - p * v;
-      ya[j] = c * u + s * v;
-      yb[j] = c * v - s * u;
-      la[j] = c * p + s * q;
-      lb[j] = c * q - s * p;
+inline void undo_qubits(T* y, T* lam, int64_t len, int64_t h0, int count, const T* c, const T* s, double* sums) {
+  typedef typename Simd<T>::V V;
+  for (int done = 0; done < count;) {
+    const int R = std::min(2, count - done);
+    const int64_t h = h0 << done;
+    V acc[2] = {V{}, V{}};
+    for (int64_t b0 = 0; b0 < len; b0 += h << R) {
+      if (R == 2) undo_block<T, 2>(y, lam, h, b0, 0, h, c + done, s + done, acc);
+      else undo_block<T, 1>(y, lam, h, b0, 0, h, c + done, s + done, acc);
     }
+    for (int r = 0; r < R; ++r) sums[done + r] = lane_sum<T>(acc[r]);
+    done += R;
   }
 }
 
-// The permutation before a layer: y[i] = x[source(i)]. Either an index array, or the CNOT chain
-// CNOT(0,1) CNOT(1,2) ... CNOT(n-2,n-1) computed on the fly (source(i) = i ^ (i << 1), no index
-// traffic), or none.
-struct Perm {
-  const int64_t* index = nullptr;
-  bool chain = false;
-  int64_t mask = 0;
-  bool any() const { return index != nullptr || chain; }
-  int64_t source(int64_t i) const { return chain ? (i ^ ((i << 1) & mask)) : index[i]; }
-};
+// High passes: qubits t..n-1 over the whole state, R at a time, in chunks of one tile per register
+// of the block (chunk k: base b0 and offsets [j0, j0 + tile)), run in parallel.
+template <typename T, typename F>
+inline void for_high_chunks(const Layer<T>& L, int R, int64_t h, F&& fn) {
+  const int64_t per_base = h / L.tile;  // chunks per base
+  const int64_t chunks = L.size / (L.tile << R);
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b0 = (k / per_base) * (h << R), j0 = (k % per_base) * L.tile;
+      fn(k, b0, j0, j0 + L.tile);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Layers
+// ------------------------------------------------------------------------------------------------
 
 template <typename T>
 void forward_impl(const T* src, T* dst, const Perm& perm, const Layer<T>& L) {
+  typedef typename Simd<T>::V V;
+  constexpr int D = Simd<T>::lanes, K = Simd<T>::lane_bits;
   at::parallel_for(0, L.ntiles, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       T* x = dst + b * L.tile;
-      if (perm.chain && L.n > L.kb && L.dim == lanes<T>()) {  // (n > kb: the upper lanes' group exists)
-        apply_low_chain(x, src, b * L.tile / L.dim, L.tile / L.dim, perm.mask >> L.kb, L.low);
-      } else {
-        if (perm.any()) {
-          const int64_t base = b * L.tile;
-          for (int64_t k = 0; k < L.tile; ++k) x[k] = src[perm.source(base + k)];
-        } else if (src != dst) {
-          std::copy(src + b * L.tile, src + (b + 1) * L.tile, x);
-        }
-        apply_low(x, L.tile, L.low, L.dim);
+      const int64_t a0 = b * L.tile / D;
+      for (int64_t a = a0; a < a0 + L.tile / D; ++a) {
+        V v = gather_register(src, a, perm);
+#pragma GCC unroll 3
+        for (int q = 0; q < K; ++q) v = L.lane_c[q] * v + L.lane_s[q] * swap_lanes(v, q);
+        vstore(x + D * (a - a0), v);
       }
-      for (int q = L.kb; q < L.t; ++q) {
-        const int64_t h = int64_t(1) << q;
-        for (int64_t i0 = 0; i0 < L.tile; i0 += 2 * h) rotate_pairs(x + i0, x + i0 + h, h, L.c[q], L.s[q]);
-      }
+      rotate_qubits(x, L.tile, D, L.t - K, L.c + K, L.s + K);
     }
   });
-  if (L.n == L.t) return;
-  const int64_t width = std::min(L.tile, STRIP);
-  at::parallel_for(0, L.tile / width, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t st = s0; st < s1; ++st) {
-      T* base = dst + st * width;
-      for (int q = L.t; q < L.n; ++q) {
-        const int64_t h = int64_t(1) << (q - L.t);
-        for (int64_t r0 = 0; r0 < L.ntiles; r0 += 2 * h)
-          for (int64_t r = r0; r < r0 + h; ++r)
-            rotate_pairs(base + r * L.tile, base + (r + h) * L.tile, width, L.c[q], L.s[q]);
-      }
-    }
-  });
+  for (int done = L.t; done < L.n;) {
+    const int R = std::min(3, L.n - done);
+    const int64_t h = int64_t(1) << done;
+    const T* c = L.c + done;
+    const T* s = L.s + done;
+    for_high_chunks(L, R, h, [&](int64_t, int64_t b0, int64_t j0, int64_t j1) {
+      if (R == 3) rotate_block<T, 3>(dst, h, b0, j0, j1, c, s);
+      else if (R == 2) rotate_block<T, 2>(dst, h, b0, j0, j1, c, s);
+      else rotate_block<T, 1>(dst, h, b0, j0, j1, c, s);
+    });
+    done += R;
+  }
 }
 
 template <typename T>
-void backward_impl(T* y, T* lam, T* x, T* lam_x, const Perm& perm, const Layer<T>& L, double* grad) {
-  const int64_t width = std::min(L.tile, STRIP);
-  const int64_t nstrips = L.n > L.t ? L.tile / width : 0;
-  // partial sums: one row of n per strip, then one per tile
-  std::vector<double> partial((nstrips + L.ntiles) * L.n, 0.0);
-  if (nstrips) {
-    at::parallel_for(0, nstrips, 1, [&](int64_t s0, int64_t s1) {
-      for (int64_t st = s0; st < s1; ++st) {
-        T* yb = y + st * width;
-        T* lb = lam + st * width;
-        for (int q = L.t; q < L.n; ++q) {
-          const int64_t h = int64_t(1) << (q - L.t);
-          T acc[lanes<T>()] = {};
-          for (int64_t r0 = 0; r0 < L.ntiles; r0 += 2 * h)
-            for (int64_t r = r0; r < r0 + h; ++r)
-              undo_pairs(yb + r * L.tile, yb + (r + h) * L.tile, lb + r * L.tile, lb + (r + h) * L.tile, width,
-                         L.c[q], L.s[q], acc);
-          double sum = 0;
-          for (int l = 0; l < lanes<T>(); ++l) sum += acc[l];
-          partial[st * L.n + q] = sum;
-        }
-      }
-    });
-  }
+void backward_impl(const T* z, const T* mu, T* y, T* lam, const Perm& perm, const Layer<T>& L, double* grad) {
+  typedef typename Simd<T>::V V;
+  constexpr int D = Simd<T>::lanes, K = Simd<T>::lane_bits;
+  // partial sums: one row of n per tile, then one per chunk of each high pass
+  std::vector<double> tile_part(L.ntiles * L.n, 0.0);
   at::parallel_for(0, L.ntiles, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       T* yt = y + b * L.tile;
       T* lt = lam + b * L.tile;
-      double* part = partial.data() + (nstrips + b) * L.n;
-      for (int q = L.t - 1; q >= L.kb; --q) {
-        const int64_t h = int64_t(1) << q;
-        T acc[lanes<T>()] = {};
-        for (int64_t i0 = 0; i0 < L.tile; i0 += 2 * h)
-          undo_pairs(yt + i0, yt + i0 + h, lt + i0, lt + i0 + h, h, L.c[q], L.s[q], acc);
-        double sum = 0;
-        for (int l = 0; l < lanes<T>(); ++l) sum += acc[l];
-        part[q] = sum;
-      }
-      T acc[64] = {};
-      undo_low(yt, lt, L.tile, L.low_t, L.dim, acc);
-      // <lam, J_q y> = sum over rows r of sign * acc[r][r ^ 2^q], sign = +1 where bit q of r is 1
-      for (int q = 0; q < L.kb; ++q) {
-        double sum = 0;
-        for (int64_t r = 0; r < L.dim; ++r) {
-          const int64_t col = r ^ (int64_t(1) << q);
-          const double v = acc[col * L.dim + r];
-          sum += ((r >> q) & 1) ? v : -v;
+      const int64_t a0 = b * L.tile / D;
+      V acc[3] = {V{}, V{}, V{}};
+      for (int64_t a = a0; a < a0 + L.tile / D; ++a) {
+        V vy = gather_register(z, a, perm), vl = gather_register(mu, a, perm);
+#pragma GCC unroll 3
+        for (int q = 0; q < K; ++q) {
+          const V sy = swap_lanes(vy, q), sl = swap_lanes(vl, q);
+          acc[q] += vl * sy;
+          vy = L.lane_c[q] * vy - L.lane_s[q] * sy;
+          vl = L.lane_c[q] * vl - L.lane_s[q] * sl;
         }
-        part[q] = sum;
+        vstore(yt + D * (a - a0), vy);
+        vstore(lt + D * (a - a0), vl);
       }
-      // the forward gathered x at source(i): scatter back (a bijection: no two writes collide)
-      if (perm.chain && L.n > L.kb && L.dim == lanes<T>()) {
-        constexpr int D = lanes<T>();
-        const int64_t group_mask = perm.mask >> L.kb;
-        for (int64_t k = 0; k < L.tile; k += D) {
-          const int64_t a = (b * L.tile + k) / D, g = a ^ ((a << 1) & group_mask);
-          T* x0 = x + D * g;
-          T* x1 = x + D * (g ^ 1);
-          T* l0 = lam_x + D * g;
-          T* l1 = lam_x + D * (g ^ 1);
-          for (int r = 0; r < D / 2; ++r) {
-            x0[chain_offset<T>(r)] = yt[k + r];
-            l0[chain_offset<T>(r)] = lt[k + r];
-          }
-          for (int r = D / 2; r < D; ++r) {
-            x1[chain_offset<T>(r)] = yt[k + r];
-            l1[chain_offset<T>(r)] = lt[k + r];
-          }
-        }
-      } else if (perm.any()) {
-        const int64_t base = b * L.tile;
-        for (int64_t k = 0; k < L.tile; ++k) {
-          const int64_t j = perm.source(base + k);
-          x[j] = yt[k];
-          lam_x[j] = lt[k];
-        }
-      }
+      double* part = tile_part.data() + b * L.n;
+      for (int q = 0; q < K; ++q) part[q] = lane_sum<T>(acc[q] * L.lane_sign[q]);
+      undo_qubits(yt, lt, L.tile, D, L.t - K, L.c + K, L.s + K, part + K);
     }
   });
+  std::vector<std::vector<double>> high_parts;
+  for (int done = L.t; done < L.n;) {
+    const int R = std::min(2, L.n - done);
+    const int64_t h = int64_t(1) << done;
+    const T* c = L.c + done;
+    const T* s = L.s + done;
+    high_parts.emplace_back((L.size / (L.tile << R)) * R, 0.0);
+    double* part = high_parts.back().data();
+    for_high_chunks(L, R, h, [&](int64_t k, int64_t b0, int64_t j0, int64_t j1) {
+      V acc[2] = {V{}, V{}};
+      if (R == 2) undo_block<T, 2>(y, lam, h, b0, j0, j1, c, s, acc);
+      else undo_block<T, 1>(y, lam, h, b0, j0, j1, c, s, acc);
+      for (int r = 0; r < R; ++r) part[k * R + r] = lane_sum<T>(acc[r]);
+    });
+    done += R;
+  }
   for (int q = 0; q < L.n; ++q) grad[q] = 0;
-  for (int64_t row = 0; row < nstrips + L.ntiles; ++row)
-    for (int q = 0; q < L.n; ++q) grad[q] += partial[row * L.n + q];
+  for (int64_t b = 0; b < L.ntiles; ++b)
+    for (int q = 0; q < L.t; ++q) grad[q] += tile_part[b * L.n + q];
+  int done = L.t;
+  for (const auto& part : high_parts) {
+    const int R = std::min(2, L.n - done);
+    for (size_t k = 0; k < part.size() / R; ++k)
+      for (int r = 0; r < R; ++r) grad[done + r] += part[k * R + r];
+    done += R;
+  }
   for (int q = 0; q < L.n; ++q) grad[q] *= 0.5;
 }
 
-Perm make_perm(const c10::optional<torch::Tensor>& perm, bool chain, int64_t size) {
+// States smaller than two registers (n <= lane_bits): plain loops, in double.
+template <typename T>
+void forward_small(const T* src, T* dst, const Perm& perm, int n, const T* c, const T* s) {
+  const int64_t size = int64_t(1) << n;
+  std::vector<double> x(size);
+  for (int64_t i = 0; i < size; ++i) x[i] = src[perm.source(i)];
+  for (int q = 0; q < n; ++q) {
+    const int64_t h = int64_t(1) << q;
+    for (int64_t i = 0; i < size; ++i)
+      if (!(i & h)) {
+        const double a = x[i], b = x[i | h];
+        x[i] = c[q] * a - s[q] * b;
+        x[i | h] = s[q] * a + c[q] * b;
+      }
+  }
+  for (int64_t i = 0; i < size; ++i) dst[i] = T(x[i]);
+}
+
+template <typename T>
+void backward_small(const T* z, const T* mu, T* y, T* lam, const Perm& perm, int n, const T* c, const T* s,
+                    double* grad) {
+  const int64_t size = int64_t(1) << n;
+  std::vector<double> u(size), l(size);
+  for (int64_t i = 0; i < size; ++i) {
+    u[i] = z[perm.source(i)];
+    l[i] = mu[perm.source(i)];
+  }
+  for (int q = 0; q < n; ++q) {
+    const int64_t h = int64_t(1) << q;
+    double sum = 0;
+    for (int64_t i = 0; i < size; ++i)
+      if (!(i & h)) {
+        const double a = u[i], b = u[i | h], p = l[i], w = l[i | h];
+        sum += w * a - p * b;
+        u[i] = c[q] * a + s[q] * b;
+        u[i | h] = c[q] * b - s[q] * a;
+        l[i] = c[q] * p + s[q] * w;
+        l[i | h] = c[q] * w - s[q] * p;
+      }
+    grad[q] = 0.5 * sum;
+  }
+  for (int64_t i = 0; i < size; ++i) {
+    y[i] = T(u[i]);
+    lam[i] = T(l[i]);
+  }
+}
+
+Perm make_perm(const c10::optional<torch::Tensor>& index, Gather computed, int64_t size) {
   Perm p;
-  if (chain) {
-    p.chain = true;
-    p.mask = size - 1;
-  } else if (perm.has_value()) {
-    p.index = perm->data_ptr<int64_t>();
+  p.mask = size - 1;
+  if (computed != Gather::none) p.kind = computed;
+  else if (index.has_value()) {
+    p.kind = Gather::index;
+    p.index = index->data_ptr<int64_t>();
   }
   return p;
 }
@@ -372,53 +457,99 @@ void check(const torch::Tensor& state, const c10::optional<torch::Tensor>& perm,
                 "perm: contiguous int64 permutation of the basis indices");
 }
 
+bool aliases(const torch::Tensor& a, const torch::Tensor& b) { return a.data_ptr() == b.data_ptr(); }
+
 }  // namespace
 
 // out: a buffer of the state's size and dtype (not the state itself): reusing buffers across layers
-// avoids page-faulting fresh memory in every layer.
+// avoids page-faulting fresh memory in every layer. chain=True: the CNOT chain (perm must be None).
 torch::Tensor ry_layer_forward(torch::Tensor state, c10::optional<torch::Tensor> perm, bool chain, torch::Tensor c,
                                torch::Tensor s, torch::Tensor out) {
   check(state, perm, c, s);
   check(out, perm, c, s);
-  TORCH_CHECK(out.data_ptr() != state.data_ptr(), "out must not be the input state");
-  const Perm p = make_perm(perm, chain, state.numel());
+  TORCH_CHECK(!aliases(out, state), "out must not be the input state");
+  const Perm p = make_perm(perm, chain ? Gather::chain : Gather::none, state.numel());
   AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "ry_layer_forward", [&] {
-    Layer<scalar_t> layer(static_cast<int>(c.numel()), c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>());
-    forward_impl<scalar_t>(state.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p, layer);
+    const int n = static_cast<int>(c.numel());
+    if (n <= Simd<scalar_t>::lane_bits) {
+      forward_small<scalar_t>(state.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p, n, c.data_ptr<scalar_t>(),
+                              s.data_ptr<scalar_t>());
+    } else {
+      Layer<scalar_t> layer(n, c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>());
+      forward_impl<scalar_t>(state.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p, layer);
+    }
   });
   return out;
 }
 
-// Consumes y and lam (overwritten). With a permutation the layer's input and its gradient are written
-// to x_out and lam_out (buffers distinct from y and lam); without one they are y and lam themselves.
-// Returns (x, lam_x, dL/dtheta as float64).
-std::vector<torch::Tensor> ry_layer_backward(torch::Tensor y, torch::Tensor lam, c10::optional<torch::Tensor> perm,
-                                             bool chain, torch::Tensor c, torch::Tensor s, torch::Tensor x_out,
-                                             torch::Tensor lam_out) {
-  check(y, perm, c, s);
-  check(lam, perm, c, s);
-  const Perm p = make_perm(perm, chain, y.numel());
-  auto grad = torch::empty({c.numel()}, torch::dtype(torch::kFloat64));
-  torch::Tensor x = y, lam_x = lam;
-  if (p.any()) {
-    check(x_out, perm, c, s);
-    check(lam_out, perm, c, s);
-    TORCH_CHECK(x_out.data_ptr() != y.data_ptr() && x_out.data_ptr() != lam.data_ptr() &&
-                lam_out.data_ptr() != y.data_ptr() && lam_out.data_ptr() != lam.data_ptr() &&
-                x_out.data_ptr() != lam_out.data_ptr(), "x_out and lam_out must be two other buffers");
-    x = x_out;
-    lam_x = lam_out;
+// z, mu: the layer's output and its gradient, both still permuted by the permutation that follows the
+// layer (inverse: the index of its inverse, or inverse_chain=True for the CNOT chain, or neither).
+// Writes the layer's input and its gradient to y_out, lam_out and returns dL/dtheta (float64).
+// Without a permutation y_out, lam_out may be z, mu themselves (in place); with one they must be two
+// other buffers.
+torch::Tensor ry_layer_backward(torch::Tensor z, torch::Tensor mu, c10::optional<torch::Tensor> inverse,
+                                bool inverse_chain, torch::Tensor c, torch::Tensor s, torch::Tensor y_out,
+                                torch::Tensor lam_out) {
+  check(z, inverse, c, s);
+  check(mu, inverse, c, s);
+  check(y_out, inverse, c, s);
+  check(lam_out, inverse, c, s);
+  const Perm p = make_perm(inverse, inverse_chain ? Gather::inverse_chain : Gather::none, z.numel());
+  TORCH_CHECK(!aliases(y_out, lam_out) && !aliases(z, mu), "the state and its gradient need two buffers");
+  if (p.kind != Gather::none) {
+    TORCH_CHECK(!aliases(y_out, z) && !aliases(y_out, mu) && !aliases(lam_out, z) && !aliases(lam_out, mu),
+                "with a permutation, y_out and lam_out must be two other buffers than z and mu");
+  } else {
+    TORCH_CHECK(!aliases(y_out, mu) && !aliases(lam_out, z), "y_out and lam_out must be z and mu or other buffers");
   }
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "ry_layer_backward", [&] {
-    Layer<scalar_t> layer(static_cast<int>(c.numel()), c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>());
-    backward_impl<scalar_t>(y.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                            lam_x.data_ptr<scalar_t>(), p, layer, grad.data_ptr<double>());
+  auto grad = torch::empty({c.numel()}, torch::dtype(torch::kFloat64));
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ry_layer_backward", [&] {
+    const int n = static_cast<int>(c.numel());
+    if (n <= Simd<scalar_t>::lane_bits) {
+      backward_small<scalar_t>(z.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(), y_out.data_ptr<scalar_t>(),
+                               lam_out.data_ptr<scalar_t>(), p, n, c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+                               grad.data_ptr<double>());
+    } else {
+      Layer<scalar_t> layer(n, c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>());
+      backward_impl<scalar_t>(z.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(), y_out.data_ptr<scalar_t>(),
+                              lam_out.data_ptr<scalar_t>(), p, layer, grad.data_ptr<double>());
+    }
   });
-  return {x, lam_x, grad};
+  return grad;
+}
+
+// out[i] = state[perm(i)] for a lone permutation (the CNOT chain after the last layer): the chain is
+// computed (two loads and a shuffle per register), an index is read.
+torch::Tensor permute(torch::Tensor state, c10::optional<torch::Tensor> perm, bool chain, torch::Tensor out) {
+  TORCH_CHECK(state.device().is_cpu() && state.dim() == 1 && state.is_contiguous() && out.is_contiguous() &&
+              out.numel() == state.numel() && out.scalar_type() == state.scalar_type() && !aliases(out, state),
+              "permute: contiguous 1-D CPU state and another buffer of its size and dtype");
+  const int64_t size = state.numel();
+  TORCH_CHECK(size >= 1 && (size & (size - 1)) == 0, "permute: the state must have 2^n amplitudes");
+  if (perm.has_value())
+    TORCH_CHECK(perm->scalar_type() == torch::kInt64 && perm->is_contiguous() && perm->numel() == size,
+                "perm: contiguous int64 permutation of the basis indices");
+  const Perm p = make_perm(perm, chain ? Gather::chain : Gather::none, size);
+  AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "permute", [&] {
+    const scalar_t* src = state.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    constexpr int D = Simd<scalar_t>::lanes;
+    if (size <= D) {
+      for (int64_t i = 0; i < size; ++i) dst[i] = src[p.source(i)];
+      return;
+    }
+    at::parallel_for(0, size / D, 4096, [&](int64_t a0, int64_t a1) {
+      for (int64_t a = a0; a < a1; ++a) vstore(dst + D * a, gather_register(src, a, p));
+    });
+  });
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ry_layer_forward", &ry_layer_forward,
         "gather by perm (an index, or chain=True for the CNOT chain, or neither), then RY on every qubit");
-  m.def("ry_layer_backward", &ry_layer_backward, "undo a layer in place; returns (x, dL/dx, dL/dtheta)");
+  m.def("ry_layer_backward", &ry_layer_backward,
+        "un-permute (inverse index, or inverse_chain=True) the layer's output and its gradient into y_out, "
+        "lam_out, undo the layer there; returns dL/dtheta");
+  m.def("permute", &permute, "out[i] = state[perm(i)] (an index, or chain=True for the CNOT chain)");
 }
