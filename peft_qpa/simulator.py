@@ -80,6 +80,44 @@ class _FusedStep:
     layer: "int | None"  # row of StatevectorSimulator._fused_angles
 
 
+class _Workspace:
+    """State-sized scratch buffers of the fused kernel, kept between calls (at most ``CAP`` per dtype and
+    size). Fresh multi-MiB buffers in every call are page-faulted in again each time, which at N = 20
+    (float64) cost as much as the kernel itself. Never holds a tensor that leaves the simulator (the
+    returned state or probabilities, the state kept for the backward). Not copied or pickled with the
+    module; :meth:`StatevectorSimulator.release_workspace` frees it."""
+
+    CAP = 3
+
+    def __init__(self):
+        self._free: dict = {}
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        free = self._free.get((dtype, numel))
+        try:
+            return free.pop()  # list.pop is atomic: concurrent callers never get the same buffer
+        except (AttributeError, IndexError):
+            return torch.empty(numel, dtype=dtype)
+
+    def give(self, *buffers: torch.Tensor) -> None:
+        for buffer in buffers:
+            free = self._free.setdefault((buffer.dtype, buffer.numel()), [])
+            if len(free) < self.CAP and all(b is not buffer for b in free):
+                free.append(buffer)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for free in self._free.values() for b in free)
+
+    def clear(self) -> None:
+        self._free = {}
+
+    def __deepcopy__(self, memo):
+        return _Workspace()
+
+    def __getstate__(self):
+        return {"_free": {}}
+
+
 class _Permute(torch.autograd.Function):
     """``state[index]`` whose backward is a gather by the inverse permutation (no scatter-add).
 
@@ -175,6 +213,7 @@ class StatevectorSimulator(torch.nn.Module):
                     i += 1
                 self._stages.append(self._rotation_stage(gate.name, rotations))
         self.kernel = kernel
+        self._workspace = _Workspace()
         self._fused_steps = self._plan_fused()
         if kernel == "fused" and self._fused_steps is None:
             raise ValueError("kernel='fused' supports circuits whose rotation layers are full RY layers (every "
@@ -340,33 +379,46 @@ class StatevectorSimulator(torch.nn.Module):
             return None, True
         return getattr(self, permutation.inverse if inverse else permutation.index), False
 
+    def release_workspace(self) -> None:
+        """Free the fused kernel's scratch buffers (at most 3 states, kept between calls)."""
+        self._workspace.clear()
+
     def _fused_cos_sin(self, angles: torch.Tensor):
         half = angles[self._fused_angles] / 2  # (layers, N), qubit 0 first
         return torch.cos(half), torch.sin(half)
 
     def _fused_statevector(self, angles: torch.Tensor, module) -> torch.Tensor:
         cos, sin = self._fused_cos_sin(angles)
-        # the first layer on |0...0>: the product state of the columns (cos, sin) of each qubit's RY
+        steps, workspace = self._fused_steps, self._workspace
+        size, dtype = 2**self.n_qubits, cos.dtype
+        # the first layer on |0...0>: the product state of the columns (cos, sin) of each qubit's RY;
+        # only the final output leaves this method, every other state lives in workspace buffers
         columns = torch.stack([cos[0], sin[0]], 1)  # (N, 2), qubit 0 first
-        state = columns[0]
+        state, borrowed = columns[0], False
         for q in range(1, self.n_qubits):
-            state = torch.outer(columns[q], state).reshape(-1)
-        spare = None  # two buffers alternate as input and output of the layers
-        for step in self._fused_steps:
+            if q == self.n_qubits - 1 and steps:
+                out, borrowed = workspace.take(size, dtype).view(2, -1), True
+                state = torch.outer(columns[q], state, out=out).reshape(-1)
+            else:
+                state = torch.outer(columns[q], state).reshape(-1)
+        for i, step in enumerate(steps):
             index, chain = self._fused_permutation(step.permutation)
-            out = torch.empty_like(state) if spare is None else spare
+            last = i == len(steps) - 1
+            out = torch.empty(size, dtype=dtype) if last else workspace.take(size, dtype)
             if step.layer is None:  # the trailing CNOT chain
                 module.permute(state, index, chain, out)
             else:
                 module.ry_layer_forward(state, index, chain, cos[step.layer], sin[step.layer], out)
-            spare, state = state, out
+            if borrowed:
+                workspace.give(state)
+            state, borrowed = out, not last
         return state
 
     def _fused_sweep(self, angles: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, module) -> torch.Tensor:
         """dL/dangles by an adjoint sweep over the layers, last to first. Each kernel call un-permutes its
         inputs by the permutation that *follows* its layer (a gather, so no pass of its own and no
-        scatter), then undoes the layer and contracts its angle gradients. Overwrites ``lam`` and the
-        buffers it makes; never ``y``, which may be the kept final state."""
+        scatter), then undoes the layer and contracts its angle gradients. Overwrites ``lam`` (and keeps it
+        as a workspace buffer); never ``y``, which may be the kept final state."""
         cos, sin = self._fused_cos_sin(angles)
         grad = torch.zeros_like(angles)
         rows, following = [0], {}  # layer rows in circuit order; the permutation after each row
@@ -375,8 +427,9 @@ class StatevectorSimulator(torch.nn.Module):
                 following[rows[-1]] = step.permutation
             if step.layer is not None:
                 rows.append(step.layer)
+        workspace, size, dtype = self._workspace, y.numel(), y.dtype
         spares: list = []
-        owned = False  # whether y may be overwritten
+        owned = False  # whether y may be overwritten (not the kept final state)
         for row in reversed(rows):
             permutation = following.get(row)
             if permutation is None:  # undone in place
@@ -385,7 +438,7 @@ class StatevectorSimulator(torch.nn.Module):
                 y_out, lam_out = y, lam
             else:
                 while len(spares) < 2:
-                    spares.append(torch.empty_like(y))
+                    spares.append(workspace.take(size, dtype))
                 y_out, lam_out = spares[0], spares[1]
             index, inverse_chain = self._fused_permutation(permutation, inverse=True)
             layer_grad = module.ry_layer_backward(y, lam, index, inverse_chain, cos[row], sin[row], y_out, lam_out)
@@ -393,6 +446,7 @@ class StatevectorSimulator(torch.nn.Module):
                 spares = [lam, y] if owned else [lam]  # consumed: reused as the next outputs
             y, lam, owned = y_out, lam_out, True
             grad.index_add_(0, self._fused_angles[row], layer_grad.to(grad.dtype))
+        workspace.give(lam, *spares, *([y] if owned else []))
         return grad
 
     def forward(self, angles: torch.Tensor) -> torch.Tensor:
@@ -539,7 +593,10 @@ class _AdjointProbabilities(torch.autograd.Function):
         state = ctx.state
         if not _graph_kept():
             ctx.state = None  # the graph is freed after this backward: let the sweep release the state
-        lam = grad_probs * state
+        sim = ctx.sim
+        # λ = 2 g ψ; on the fused path into a workspace buffer, which the sweep keeps for the next call
+        lam = sim._workspace.take(state.numel(), state.dtype) if sim._fused_module(angles) is not None else None
+        lam = torch.mul(grad_probs, state, out=lam)
         lam.mul_(2)
         buffers = [state, lam]
         del state, lam

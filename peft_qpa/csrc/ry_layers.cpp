@@ -33,6 +33,9 @@ namespace {
 #ifndef QPA_TILE_BYTES
 #define QPA_TILE_BYTES 16384
 #endif
+#ifndef QPA_BLOCK_BYTES
+#define QPA_BLOCK_BYTES 131072
+#endif
 
 template <typename T> struct Simd;
 template <> struct Simd<float> {
@@ -46,12 +49,16 @@ template <> struct Simd<double> {
   static constexpr int lanes = 4, lane_bits = 2;
 };
 
-// Tiles of QPA_TILE_BYTES (a power of two): qubits below tile_bits are rotated inside a tile.
-template <typename T> constexpr int tile_bits() {
+// Tiles of QPA_TILE_BYTES (in L1): qubits below tile_bits are rotated inside a tile. Blocks of
+// QPA_BLOCK_BYTES (in L2; at most 8 tiles): the qubits from tile_bits to block_bits in one more pass
+// over the block while it is in L2. Powers of two.
+template <typename T> constexpr int bits_for(int64_t bytes) {
   int bits = 0;
-  while ((int64_t(1) << (bits + 1)) * int64_t(sizeof(T)) <= QPA_TILE_BYTES) ++bits;
+  while ((int64_t(1) << (bits + 1)) * int64_t(sizeof(T)) <= bytes) ++bits;
   return bits;
 }
+template <typename T> constexpr int tile_bits() { return bits_for<T>(QPA_TILE_BYTES); }
+template <typename T> constexpr int block_bits() { return std::min(bits_for<T>(QPA_BLOCK_BYTES), tile_bits<T>() + 3); }
 
 template <typename T>
 inline typename Simd<T>::V vload(const T* p) {
@@ -146,6 +153,26 @@ inline typename Simd<T>::V gather_register(const T* src, int64_t a, const Perm& 
   }
 }
 
+// The two source tiles (of `tile` amplitudes) that output tile b gathers from, or false for an index
+// or no permutation. Chain: the tile of register g = a ^ (a << 1) and its neighbour; inverse chain:
+// the tile of prefix_xor(a) and its mirror (all tile bits flipped).
+template <typename T>
+inline bool source_tiles(const Perm& p, int64_t b, int64_t tile, int64_t* first, int64_t* second) {
+  constexpr int D = Simd<T>::lanes, K = Simd<T>::lane_bits;
+  const int64_t groups = p.mask >> K, per_tile = tile / D, a = b * per_tile;
+  const int64_t last_tile = (p.mask + 1) / tile - 1;
+  if (p.kind == Gather::chain) {
+    *first = ((a ^ (a << 1)) & groups) / per_tile;
+    *second = *first ^ 1;
+  } else if (p.kind == Gather::inverse_chain) {
+    *first = (prefix_xor(a) & groups) / per_tile;
+    *second = *first ^ last_tile;
+  } else {
+    return false;
+  }
+  return last_tile > 0;
+}
+
 // ------------------------------------------------------------------------------------------------
 // A layer's coefficients
 // ------------------------------------------------------------------------------------------------
@@ -153,8 +180,8 @@ inline typename Simd<T>::V gather_register(const T* src, int64_t a, const Perm& 
 template <typename T>
 struct Layer {
   typedef typename Simd<T>::V V;
-  int n, t;                // qubits, tile qubits
-  int64_t size, tile, ntiles;
+  int n, t, t2;            // qubits, tile qubits, block qubits
+  int64_t size, tile, ntiles, block, nblocks;
   const T* c;
   const T* s;
   V lane_c[3], lane_s[3];  // lane qubit q: v' = c v + S (.) v[r ^ 2^q], S[r] = bit q of r ? s : -s
@@ -162,9 +189,12 @@ struct Layer {
 
   Layer(int n_, const T* c_, const T* s_) : n(n_), c(c_), s(s_) {
     t = std::min(n, tile_bits<T>());
+    t2 = std::min(n, block_bits<T>());
     size = int64_t(1) << n;
     tile = int64_t(1) << t;
     ntiles = int64_t(1) << (n - t);
+    block = int64_t(1) << t2;
+    nblocks = int64_t(1) << (n - t2);
     for (int q = 0; q < Simd<T>::lane_bits && q < n; ++q)
       for (int r = 0; r < Simd<T>::lanes; ++r) {
         const bool one = (r >> q) & 1;
@@ -242,6 +272,61 @@ inline void undo_block(T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t 
   }
 }
 
+// Three qubits at a time for y and lambda together would need 16 data registers of the 16 there
+// are: the block loads y (8 registers), contracts the three qubits' gradients with lambda read from L1
+// on the fly (the values before the undo: any stage of the layer will do), undoes y and stores it,
+// then undoes lambda in the same 8 registers. Three qubits per pass over memory instead of two.
+template <typename T>
+inline void undo_block3(T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t j1, const T* c, const T* s,
+                        typename Simd<T>::V* acc) {
+  typedef typename Simd<T>::V V;
+  for (int64_t j = j0; j < j1; j += Simd<T>::lanes) {
+    T* py = y + b0 + j;
+    T* pl = lam + b0 + j;
+    V v[8];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) v[k] = vload(py + k * h);
+#pragma GCC unroll 3
+    for (int r = 0; r < 3; ++r) {
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        if (k & (1 << r)) continue;
+        const int k1 = k | (1 << r);
+        acc[r] += vload(pl + k1 * h) * v[k] - vload(pl + k * h) * v[k1];
+      }
+    }
+#pragma GCC unroll 3
+    for (int r = 0; r < 3; ++r) {
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        if (k & (1 << r)) continue;
+        const int k1 = k | (1 << r);
+        const V u = v[k], w = v[k1];
+        v[k] = c[r] * u + s[r] * w;
+        v[k1] = c[r] * w - s[r] * u;
+      }
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      vstore(py + k * h, v[k]);
+      v[k] = vload(pl + k * h);
+    }
+#pragma GCC unroll 3
+    for (int r = 0; r < 3; ++r) {
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        if (k & (1 << r)) continue;
+        const int k1 = k | (1 << r);
+        const V u = v[k], w = v[k1];
+        v[k] = c[r] * u + s[r] * w;
+        v[k1] = c[r] * w - s[r] * u;
+      }
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) vstore(pl + k * h, v[k]);
+  }
+}
+
 template <typename T>
 inline double lane_sum(typename Simd<T>::V v) {
   double sum = 0;
@@ -268,11 +353,12 @@ template <typename T>
 inline void undo_qubits(T* y, T* lam, int64_t len, int64_t h0, int count, const T* c, const T* s, double* sums) {
   typedef typename Simd<T>::V V;
   for (int done = 0; done < count;) {
-    const int R = std::min(2, count - done);
+    const int R = std::min(3, count - done);
     const int64_t h = h0 << done;
-    V acc[2] = {V{}, V{}};
+    V acc[3] = {V{}, V{}, V{}};
     for (int64_t b0 = 0; b0 < len; b0 += h << R) {
-      if (R == 2) undo_block<T, 2>(y, lam, h, b0, 0, h, c + done, s + done, acc);
+      if (R == 3) undo_block3<T>(y, lam, h, b0, 0, h, c + done, s + done, acc);
+      else if (R == 2) undo_block<T, 2>(y, lam, h, b0, 0, h, c + done, s + done, acc);
       else undo_block<T, 1>(y, lam, h, b0, 0, h, c + done, s + done, acc);
     }
     for (int r = 0; r < R; ++r) sums[done + r] = lane_sum<T>(acc[r]);
@@ -302,20 +388,23 @@ template <typename T>
 void forward_impl(const T* src, T* dst, const Perm& perm, const Layer<T>& L) {
   typedef typename Simd<T>::V V;
   constexpr int D = Simd<T>::lanes, K = Simd<T>::lane_bits;
-  at::parallel_for(0, L.ntiles, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      T* x = dst + b * L.tile;
-      const int64_t a0 = b * L.tile / D;
-      for (int64_t a = a0; a < a0 + L.tile / D; ++a) {
-        V v = gather_register(src, a, perm);
+  at::parallel_for(0, L.nblocks, 1, [&](int64_t B0, int64_t B1) {
+    for (int64_t B = B0; B < B1; ++B) {
+      for (int64_t b = B * (L.block / L.tile); b < (B + 1) * (L.block / L.tile); ++b) {
+        T* x = dst + b * L.tile;
+        const int64_t a0 = b * L.tile / D;
+        for (int64_t a = a0; a < a0 + L.tile / D; ++a) {
+          V v = gather_register(src, a, perm);
 #pragma GCC unroll 3
-        for (int q = 0; q < K; ++q) v = L.lane_c[q] * v + L.lane_s[q] * swap_lanes(v, q);
-        vstore(x + D * (a - a0), v);
+          for (int q = 0; q < K; ++q) v = L.lane_c[q] * v + L.lane_s[q] * swap_lanes(v, q);
+          vstore(x + D * (a - a0), v);
+        }
+        rotate_qubits(x, L.tile, D, L.t - K, L.c + K, L.s + K);
       }
-      rotate_qubits(x, L.tile, D, L.t - K, L.c + K, L.s + K);
+      rotate_qubits(dst + B * L.block, L.block, L.tile, L.t2 - L.t, L.c + L.t, L.s + L.t);
     }
   });
-  for (int done = L.t; done < L.n;) {
+  for (int done = L.t2; done < L.n;) {
     const int R = std::min(3, L.n - done);
     const int64_t h = int64_t(1) << done;
     const T* c = L.c + done;
@@ -333,42 +422,57 @@ template <typename T>
 void backward_impl(const T* z, const T* mu, T* y, T* lam, const Perm& perm, const Layer<T>& L, double* grad) {
   typedef typename Simd<T>::V V;
   constexpr int D = Simd<T>::lanes, K = Simd<T>::lane_bits;
-  // partial sums: one row of n per tile, then one per chunk of each high pass
-  std::vector<double> tile_part(L.ntiles * L.n, 0.0);
-  at::parallel_for(0, L.ntiles, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      T* yt = y + b * L.tile;
-      T* lt = lam + b * L.tile;
-      const int64_t a0 = b * L.tile / D;
-      V acc[3] = {V{}, V{}, V{}};
-      for (int64_t a = a0; a < a0 + L.tile / D; ++a) {
-        V vy = gather_register(z, a, perm), vl = gather_register(mu, a, perm);
+  // partial sums: one row of n per tile (the qubits below t), one per block (t..t2-1), then one per
+  // chunk of each high pass
+  std::vector<double> tile_part(L.ntiles * L.n, 0.0), block_part(L.nblocks * L.n, 0.0);
+  at::parallel_for(0, L.nblocks, 1, [&](int64_t B0, int64_t B1) {
+    for (int64_t B = B0; B < B1; ++B) {
+      for (int64_t b = B * (L.block / L.tile); b < (B + 1) * (L.block / L.tile); ++b) {
+        T* yt = y + b * L.tile;
+        T* lt = lam + b * L.tile;
+        const int64_t a0 = b * L.tile / D;
+        V acc[3] = {V{}, V{}, V{}};
+        // The gather reads its two source tiles in a scrambled order, which the hardware prefetcher
+        // does not follow (the inverse chain's sources jump across the state): fetch the next tile's
+        // sources into L2 meanwhile, a cache line per two registers of each of the four streams.
+        int64_t s0 = 0, s1 = 0;
+        const bool prefetch = b + 1 < B1 * (L.block / L.tile) && source_tiles<T>(perm, b + 1, L.tile, &s0, &s1);
+        const char* pf[4] = {reinterpret_cast<const char*>(z + s0 * L.tile), reinterpret_cast<const char*>(z + s1 * L.tile),
+                             reinterpret_cast<const char*>(mu + s0 * L.tile), reinterpret_cast<const char*>(mu + s1 * L.tile)};
+        for (int64_t a = a0; a < a0 + L.tile / D; ++a) {
+          if (prefetch && !((a - a0) & 1) && (a - a0) * 32 < L.tile * int64_t(sizeof(T)))
+            for (const char* p : pf) __builtin_prefetch(p + (a - a0) * 32, 0, 2);
+          V vy = gather_register(z, a, perm), vl = gather_register(mu, a, perm);
 #pragma GCC unroll 3
-        for (int q = 0; q < K; ++q) {
-          const V sy = swap_lanes(vy, q), sl = swap_lanes(vl, q);
-          acc[q] += vl * sy;
-          vy = L.lane_c[q] * vy - L.lane_s[q] * sy;
-          vl = L.lane_c[q] * vl - L.lane_s[q] * sl;
+          for (int q = 0; q < K; ++q) {
+            const V sy = swap_lanes(vy, q), sl = swap_lanes(vl, q);
+            acc[q] += vl * sy;
+            vy = L.lane_c[q] * vy - L.lane_s[q] * sy;
+            vl = L.lane_c[q] * vl - L.lane_s[q] * sl;
+          }
+          vstore(yt + D * (a - a0), vy);
+          vstore(lt + D * (a - a0), vl);
         }
-        vstore(yt + D * (a - a0), vy);
-        vstore(lt + D * (a - a0), vl);
+        double* part = tile_part.data() + b * L.n;
+        for (int q = 0; q < K; ++q) part[q] = lane_sum<T>(acc[q] * L.lane_sign[q]);
+        undo_qubits(yt, lt, L.tile, D, L.t - K, L.c + K, L.s + K, part + K);
       }
-      double* part = tile_part.data() + b * L.n;
-      for (int q = 0; q < K; ++q) part[q] = lane_sum<T>(acc[q] * L.lane_sign[q]);
-      undo_qubits(yt, lt, L.tile, D, L.t - K, L.c + K, L.s + K, part + K);
+      undo_qubits(y + B * L.block, lam + B * L.block, L.block, L.tile, L.t2 - L.t, L.c + L.t, L.s + L.t,
+                  block_part.data() + B * L.n + L.t);
     }
   });
   std::vector<std::vector<double>> high_parts;
-  for (int done = L.t; done < L.n;) {
-    const int R = std::min(2, L.n - done);
+  for (int done = L.t2; done < L.n;) {
+    const int R = std::min(3, L.n - done);
     const int64_t h = int64_t(1) << done;
     const T* c = L.c + done;
     const T* s = L.s + done;
     high_parts.emplace_back((L.size / (L.tile << R)) * R, 0.0);
     double* part = high_parts.back().data();
     for_high_chunks(L, R, h, [&](int64_t k, int64_t b0, int64_t j0, int64_t j1) {
-      V acc[2] = {V{}, V{}};
-      if (R == 2) undo_block<T, 2>(y, lam, h, b0, j0, j1, c, s, acc);
+      V acc[3] = {V{}, V{}, V{}};
+      if (R == 3) undo_block3<T>(y, lam, h, b0, j0, j1, c, s, acc);
+      else if (R == 2) undo_block<T, 2>(y, lam, h, b0, j0, j1, c, s, acc);
       else undo_block<T, 1>(y, lam, h, b0, j0, j1, c, s, acc);
       for (int r = 0; r < R; ++r) part[k * R + r] = lane_sum<T>(acc[r]);
     });
@@ -377,9 +481,11 @@ void backward_impl(const T* z, const T* mu, T* y, T* lam, const Perm& perm, cons
   for (int q = 0; q < L.n; ++q) grad[q] = 0;
   for (int64_t b = 0; b < L.ntiles; ++b)
     for (int q = 0; q < L.t; ++q) grad[q] += tile_part[b * L.n + q];
-  int done = L.t;
+  for (int64_t B = 0; B < L.nblocks; ++B)
+    for (int q = L.t; q < L.t2; ++q) grad[q] += block_part[B * L.n + q];
+  int done = L.t2;
   for (const auto& part : high_parts) {
-    const int R = std::min(2, L.n - done);
+    const int R = std::min(3, L.n - done);
     for (size_t k = 0; k < part.size() / R; ++k)
       for (int r = 0; r < R; ++r) grad[done + r] += part[k * R + r];
     done += R;
