@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -176,18 +177,30 @@ inline bool source_tiles(const Perm& p, int64_t b, int64_t tile, int64_t* first,
 // ------------------------------------------------------------------------------------------------
 // A layer's coefficients
 // ------------------------------------------------------------------------------------------------
+//
+// RY(theta) = sigma U, with a factor sigma taken out so that U costs one FMA per amplitude:
+//   form A (|cos| >= |sin|): sigma = cos, U = [[1, -t], [t, 1]], t = tan(theta/2), |t| <= 1;
+//   form B (|sin| >  |cos|): sigma = sin, U = [[k, -1], [1, k]], k = cot(theta/2), |k| < 1.
+// A layer multiplies once by the product of its sigmas (at least 2^(-n/2) in magnitude; applied first,
+// so values only shrink on the way and nothing overflows) and then applies every U: half the
+// arithmetic of the plain rotation. The backward undoes with U^T ([[1, t], [-t, 1]] or
+// [[k, 1], [-1, k]]) after the same first multiplication; its values at a stage are then the true ones
+// times kappa = the product of the sigmas of the qubits not undone yet, so a gradient contracted
+// there is divided by kappa^2.
 
 template <typename T>
 struct Layer {
   typedef typename Simd<T>::V V;
-  int n, t, t2;            // qubits, tile qubits, block qubits
+  int n, t, t2;  // qubits, tile qubits, block qubits
   int64_t size, tile, ntiles, block, nblocks;
-  const T* c;
-  const T* s;
-  V lane_c[3], lane_s[3];  // lane qubit q: v' = c v + S (.) v[r ^ 2^q], S[r] = bit q of r ? s : -s
+  T m[64];          // t or k of each qubit
+  int64_t forms;    // bit q set: qubit q in form B
+  double tail[65];  // tail[q]: product of the sigmas of qubits q..n-1
+  T scale;          // tail[0]
+  V lane_a[3], lane_b[3];  // lane qubit q: v' = A v + B (.) v[r ^ 2^q]; undo: A v - B (.) v[r ^ 2^q]
   V lane_sign[3];          // +1 where bit q of the lane is 1, else -1
 
-  Layer(int n_, const T* c_, const T* s_) : n(n_), c(c_), s(s_) {
+  Layer(int n_, const T* c, const T* s) : n(n_) {
     t = std::min(n, tile_bits<T>());
     t2 = std::min(n, block_bits<T>());
     size = int64_t(1) << n;
@@ -195,24 +208,62 @@ struct Layer {
     ntiles = int64_t(1) << (n - t);
     block = int64_t(1) << t2;
     nblocks = int64_t(1) << (n - t2);
+    forms = 0;
+    double sigma[64];
+    for (int q = 0; q < n; ++q) {
+      const bool b_form = std::abs(double(s[q])) > std::abs(double(c[q]));
+      sigma[q] = b_form ? double(s[q]) : double(c[q]);
+      m[q] = b_form ? T(double(c[q]) / double(s[q])) : T(double(s[q]) / double(c[q]));
+      if (b_form) forms |= int64_t(1) << q;
+    }
+    tail[n] = 1;
+    for (int q = n - 1; q >= 0; --q) tail[q] = tail[q + 1] * sigma[q];
+    scale = T(tail[0]);
     for (int q = 0; q < Simd<T>::lane_bits && q < n; ++q)
       for (int r = 0; r < Simd<T>::lanes; ++r) {
-        const bool one = (r >> q) & 1;
-        lane_c[q][r] = c[q];
-        lane_s[q][r] = one ? s[q] : -s[q];
+        const bool one = (r >> q) & 1, b_form = (forms >> q) & 1;
+        lane_a[q][r] = b_form ? m[q] : T(1);
+        lane_b[q][r] = (b_form ? T(1) : m[q]) * (one ? T(1) : T(-1));
         lane_sign[q][r] = one ? T(1) : T(-1);
       }
   }
+  int group_forms(int q0, int R) const { return int((forms >> q0) & ((int64_t(1) << R) - 1)); }
 };
 
 // ------------------------------------------------------------------------------------------------
-// Register-blocked butterflies
+// Register-blocked butterflies (F: the forms of the block's qubits, bit r for qubit r)
 // ------------------------------------------------------------------------------------------------
 
-// Qubits q..q+R-1 at element stride h = 2^q (h >= lanes), on elements [b0 + j, ...) for the bases b0
-// (multiples of h 2^R) and offsets j in [j0, j1) of one block.
-template <typename T, int R>
-inline void rotate_block(T* x, int64_t h, int64_t b0, int64_t j0, int64_t j1, const T* c, const T* s) {
+template <typename V, typename T>
+inline void turn(V& a, V& b, T m, bool b_form) {  // (a, b) <- U (a, b)
+  if (b_form) {
+    const V a2 = m * a - b;
+    b = a + m * b;
+    a = a2;
+  } else {
+    const V a2 = a - m * b;
+    b = m * a + b;
+    a = a2;
+  }
+}
+
+template <typename V, typename T>
+inline void unturn(V& a, V& b, T m, bool b_form) {  // (a, b) <- U^T (a, b)
+  if (b_form) {
+    const V a2 = m * a + b;
+    b = m * b - a;
+    a = a2;
+  } else {
+    const V a2 = a + m * b;
+    b = b - m * a;
+    a = a2;
+  }
+}
+
+// Qubits q..q+R-1 at element stride h = 2^q (h >= lanes), on elements [b0 + j, ...) for offsets j in
+// [j0, j1): 2^R registers loaded, turned, stored.
+template <typename T, int R, int F>
+inline void rotate_block(T* x, int64_t h, int64_t b0, int64_t j0, int64_t j1, const T* m) {
   typedef typename Simd<T>::V V;
   constexpr int K = 1 << R;
   for (int64_t j = j0; j < j1; j += Simd<T>::lanes) {
@@ -223,21 +274,18 @@ inline void rotate_block(T* x, int64_t h, int64_t b0, int64_t j0, int64_t j1, co
 #pragma GCC unroll 3
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
-      for (int k = 0; k < K; ++k) {
-        if (k & (1 << r)) continue;
-        const V a = v[k], b = v[k | (1 << r)];
-        v[k] = c[r] * a - s[r] * b;
-        v[k | (1 << r)] = s[r] * a + c[r] * b;
-      }
+      for (int k = 0; k < K; ++k)
+        if (!(k & (1 << r))) turn(v[k], v[k | (1 << r)], m[r], (F >> r) & 1);
     }
 #pragma GCC unroll 8
     for (int k = 0; k < K; ++k) vstore(p + k * h, v[k]);
   }
 }
 
-// The same backwards (R^T) on y and lambda, accumulating lam_b y_a - lam_a y_b per qubit in acc.
-template <typename T, int R>
-inline void undo_block(T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t j1, const T* c, const T* s,
+// Undo of R <= 2 qubits on y and lambda together, contracting lam_b y_a - lam_a y_b per qubit into acc
+// before that qubit is undone.
+template <typename T, int R, int F>
+inline void undo_block(T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t j1, const T* m,
                        typename Simd<T>::V* acc) {
   typedef typename Simd<T>::V V;
   constexpr int K = 1 << R;
@@ -256,12 +304,9 @@ inline void undo_block(T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t 
       for (int k = 0; k < K; ++k) {
         if (k & (1 << r)) continue;
         const int k1 = k | (1 << r);
-        const V u = vy[k], v = vy[k1], p = vl[k], q = vl[k1];
-        acc[r] += q * u - p * v;
-        vy[k] = c[r] * u + s[r] * v;
-        vy[k1] = c[r] * v - s[r] * u;
-        vl[k] = c[r] * p + s[r] * q;
-        vl[k1] = c[r] * q - s[r] * p;
+        acc[r] += vl[k1] * vy[k] - vl[k] * vy[k1];
+        unturn(vy[k], vy[k1], m[r], (F >> r) & 1);
+        unturn(vl[k], vl[k1], m[r], (F >> r) & 1);
       }
     }
 #pragma GCC unroll 4
@@ -274,11 +319,12 @@ inline void undo_block(T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t 
 
 // Three qubits at a time for y and lambda together would need 16 data registers of the 16 there
 // are: the block loads y (8 registers), contracts the three qubits' gradients with lambda read from L1
-// on the fly (the values before the undo: any stage of the layer will do), undoes y and stores it,
-// then undoes lambda in the same 8 registers. Three qubits per pass over memory instead of two.
-template <typename T>
-inline void undo_block3(T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t j1, const T* c, const T* s,
+// on the fly (all three at the block's entry stage), undoes y and stores it, then undoes lambda in the
+// same 8 registers. Three qubits per pass over memory instead of two.
+template <typename T, int R, int F>
+inline void undo_block3(T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t j1, const T* m,
                         typename Simd<T>::V* acc) {
+  static_assert(R == 3, "three qubits");
   typedef typename Simd<T>::V V;
   for (int64_t j = j0; j < j1; j += Simd<T>::lanes) {
     T* py = y + b0 + j;
@@ -298,13 +344,8 @@ inline void undo_block3(T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t
 #pragma GCC unroll 3
     for (int r = 0; r < 3; ++r) {
 #pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) {
-        if (k & (1 << r)) continue;
-        const int k1 = k | (1 << r);
-        const V u = v[k], w = v[k1];
-        v[k] = c[r] * u + s[r] * w;
-        v[k1] = c[r] * w - s[r] * u;
-      }
+      for (int k = 0; k < 8; ++k)
+        if (!(k & (1 << r))) unturn(v[k], v[k | (1 << r)], m[r], (F >> r) & 1);
     }
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
@@ -314,17 +355,63 @@ inline void undo_block3(T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t
 #pragma GCC unroll 3
     for (int r = 0; r < 3; ++r) {
 #pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) {
-        if (k & (1 << r)) continue;
-        const int k1 = k | (1 << r);
-        const V u = v[k], w = v[k1];
-        v[k] = c[r] * u + s[r] * w;
-        v[k1] = c[r] * w - s[r] * u;
-      }
+      for (int k = 0; k < 8; ++k)
+        if (!(k & (1 << r))) unturn(v[k], v[k | (1 << r)], m[r], (F >> r) & 1);
     }
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) vstore(pl + k * h, v[k]);
   }
+}
+
+// The forms are known per layer only: one instantiation per combination, picked at run time.
+template <typename T, int R, int F = 0>
+inline void rotate_forms(int forms, T* x, int64_t h, int64_t b0, int64_t j0, int64_t j1, const T* m) {
+  if constexpr (F + 1 < (1 << R))
+    if (forms != F) return rotate_forms<T, R, F + 1>(forms, x, h, b0, j0, j1, m);
+  rotate_block<T, R, F>(x, h, b0, j0, j1, m);
+}
+
+template <typename T, int R, int F = 0>
+inline void undo_forms(int forms, T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t j1, const T* m,
+                       typename Simd<T>::V* acc) {
+  if constexpr (F + 1 < (1 << R))
+    if (forms != F) return undo_forms<T, R, F + 1>(forms, y, lam, h, b0, j0, j1, m, acc);
+  if constexpr (R == 3) undo_block3<T, R, F>(y, lam, h, b0, j0, j1, m, acc);
+  else undo_block<T, R, F>(y, lam, h, b0, j0, j1, m, acc);
+}
+
+// Qubits q0 .. q0 + R - 1 (R <= 3) of the layer at stride h.
+template <typename T>
+inline void rotate_group(const Layer<T>& L, int q0, int R, T* x, int64_t h, int64_t b0, int64_t j0, int64_t j1) {
+  const int f = L.group_forms(q0, R);
+  if (R == 3) rotate_forms<T, 3>(f, x, h, b0, j0, j1, L.m + q0);
+  else if (R == 2) rotate_forms<T, 2>(f, x, h, b0, j0, j1, L.m + q0);
+  else rotate_forms<T, 1>(f, x, h, b0, j0, j1, L.m + q0);
+}
+
+template <typename T>
+inline void undo_group(const Layer<T>& L, int q0, int R, T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t j1,
+                       typename Simd<T>::V* acc) {
+  const int f = L.group_forms(q0, R);
+  if (R == 3) undo_forms<T, 3>(f, y, lam, h, b0, j0, j1, L.m + q0, acc);
+  else if (R == 2) undo_forms<T, 2>(f, y, lam, h, b0, j0, j1, L.m + q0, acc);
+  else undo_forms<T, 1>(f, y, lam, h, b0, j0, j1, L.m + q0, acc);
+}
+
+// The stage (first qubit of its group) at which qubit q's gradient is contracted: groups of up to
+// three from the start of each range, all three at the group's entry in a group of three.
+template <typename T>
+inline int contraction_stage(const Layer<T>& L, int q) {
+  const int K = Simd<T>::lane_bits;
+  if (q < K) return q;
+  const int lo = q < L.t ? K : (q < L.t2 ? L.t : L.t2);
+  const int hi = q < L.t ? L.t : (q < L.t2 ? L.t2 : L.n);
+  for (int done = lo; done < hi;) {
+    const int R = std::min(3, hi - done);
+    if (q < done + R) return R == 3 ? done : q;
+    done += R;
+  }
+  return q;
 }
 
 template <typename T>
@@ -334,40 +421,32 @@ inline double lane_sum(typename Simd<T>::V v) {
   return sum;
 }
 
-// Qubits q0..q0+count-1 of a contiguous block of len elements (h0 = 2^q0), R <= 3 at a time.
+// Qubits q0..q0+count-1 of a contiguous span of len elements (h0 = 2^(q0 - first qubit of the span)).
 template <typename T>
-inline void rotate_qubits(T* x, int64_t len, int64_t h0, int count, const T* c, const T* s) {
+inline void rotate_qubits(const Layer<T>& L, T* x, int64_t len, int64_t h0, int q0, int count) {
   for (int done = 0; done < count;) {
     const int R = std::min(3, count - done);
     const int64_t h = h0 << done;
-    for (int64_t b0 = 0; b0 < len; b0 += h << R) {
-      if (R == 3) rotate_block<T, 3>(x, h, b0, 0, h, c + done, s + done);
-      else if (R == 2) rotate_block<T, 2>(x, h, b0, 0, h, c + done, s + done);
-      else rotate_block<T, 1>(x, h, b0, 0, h, c + done, s + done);
-    }
+    for (int64_t b0 = 0; b0 < len; b0 += h << R) rotate_group(L, q0 + done, R, x, h, b0, 0, h);
     done += R;
   }
 }
 
 template <typename T>
-inline void undo_qubits(T* y, T* lam, int64_t len, int64_t h0, int count, const T* c, const T* s, double* sums) {
+inline void undo_qubits(const Layer<T>& L, T* y, T* lam, int64_t len, int64_t h0, int q0, int count, double* sums) {
   typedef typename Simd<T>::V V;
   for (int done = 0; done < count;) {
     const int R = std::min(3, count - done);
     const int64_t h = h0 << done;
     V acc[3] = {V{}, V{}, V{}};
-    for (int64_t b0 = 0; b0 < len; b0 += h << R) {
-      if (R == 3) undo_block3<T>(y, lam, h, b0, 0, h, c + done, s + done, acc);
-      else if (R == 2) undo_block<T, 2>(y, lam, h, b0, 0, h, c + done, s + done, acc);
-      else undo_block<T, 1>(y, lam, h, b0, 0, h, c + done, s + done, acc);
-    }
-    for (int r = 0; r < R; ++r) sums[done + r] = lane_sum<T>(acc[r]);
+    for (int64_t b0 = 0; b0 < len; b0 += h << R) undo_group(L, q0 + done, R, y, lam, h, b0, 0, h, acc);
+    for (int r = 0; r < R; ++r) sums[q0 + done + r] = lane_sum<T>(acc[r]);
     done += R;
   }
 }
 
-// High passes: qubits t..n-1 over the whole state, R at a time, in chunks of one tile per register
-// of the block (chunk k: base b0 and offsets [j0, j0 + tile)), run in parallel.
+// High passes: qubits t2..n-1 over the whole state, R at a time, in chunks of one tile per register
+// of the group (chunk k: base b0 and offsets [j0, j0 + tile)), run in parallel.
 template <typename T, typename F>
 inline void for_high_chunks(const Layer<T>& L, int R, int64_t h, F&& fn) {
   const int64_t per_base = h / L.tile;  // chunks per base
@@ -394,25 +473,21 @@ void forward_impl(const T* src, T* dst, const Perm& perm, const Layer<T>& L) {
         T* x = dst + b * L.tile;
         const int64_t a0 = b * L.tile / D;
         for (int64_t a = a0; a < a0 + L.tile / D; ++a) {
-          V v = gather_register(src, a, perm);
+          V v = gather_register(src, a, perm) * L.scale;
 #pragma GCC unroll 3
-          for (int q = 0; q < K; ++q) v = L.lane_c[q] * v + L.lane_s[q] * swap_lanes(v, q);
+          for (int q = 0; q < K; ++q) v = L.lane_a[q] * v + L.lane_b[q] * swap_lanes(v, q);
           vstore(x + D * (a - a0), v);
         }
-        rotate_qubits(x, L.tile, D, L.t - K, L.c + K, L.s + K);
+        rotate_qubits(L, x, L.tile, D, K, L.t - K);
       }
-      rotate_qubits(dst + B * L.block, L.block, L.tile, L.t2 - L.t, L.c + L.t, L.s + L.t);
+      rotate_qubits(L, dst + B * L.block, L.block, L.tile, L.t, L.t2 - L.t);
     }
   });
   for (int done = L.t2; done < L.n;) {
     const int R = std::min(3, L.n - done);
     const int64_t h = int64_t(1) << done;
-    const T* c = L.c + done;
-    const T* s = L.s + done;
     for_high_chunks(L, R, h, [&](int64_t, int64_t b0, int64_t j0, int64_t j1) {
-      if (R == 3) rotate_block<T, 3>(dst, h, b0, j0, j1, c, s);
-      else if (R == 2) rotate_block<T, 2>(dst, h, b0, j0, j1, c, s);
-      else rotate_block<T, 1>(dst, h, b0, j0, j1, c, s);
+      rotate_group(L, done, R, dst, h, b0, j0, j1);
     });
     done += R;
   }
@@ -440,40 +515,36 @@ void backward_impl(const T* z, const T* mu, T* y, T* lam, const Perm& perm, cons
         const char* pf[4] = {reinterpret_cast<const char*>(z + s0 * L.tile), reinterpret_cast<const char*>(z + s1 * L.tile),
                              reinterpret_cast<const char*>(mu + s0 * L.tile), reinterpret_cast<const char*>(mu + s1 * L.tile)};
         for (int64_t a = a0; a < a0 + L.tile / D; ++a) {
-          if (prefetch && !((a - a0) & 1) && (a - a0) * 32 < L.tile * int64_t(sizeof(T)))
+          if (prefetch && !((a - a0) & 1))
             for (const char* p : pf) __builtin_prefetch(p + (a - a0) * 32, 0, 2);
-          V vy = gather_register(z, a, perm), vl = gather_register(mu, a, perm);
+          V vy = gather_register(z, a, perm) * L.scale, vl = gather_register(mu, a, perm) * L.scale;
 #pragma GCC unroll 3
           for (int q = 0; q < K; ++q) {
             const V sy = swap_lanes(vy, q), sl = swap_lanes(vl, q);
             acc[q] += vl * sy;
-            vy = L.lane_c[q] * vy - L.lane_s[q] * sy;
-            vl = L.lane_c[q] * vl - L.lane_s[q] * sl;
+            vy = L.lane_a[q] * vy - L.lane_b[q] * sy;
+            vl = L.lane_a[q] * vl - L.lane_b[q] * sl;
           }
           vstore(yt + D * (a - a0), vy);
           vstore(lt + D * (a - a0), vl);
         }
         double* part = tile_part.data() + b * L.n;
         for (int q = 0; q < K; ++q) part[q] = lane_sum<T>(acc[q] * L.lane_sign[q]);
-        undo_qubits(yt, lt, L.tile, D, L.t - K, L.c + K, L.s + K, part + K);
+        undo_qubits(L, yt, lt, L.tile, D, K, L.t - K, part);
       }
-      undo_qubits(y + B * L.block, lam + B * L.block, L.block, L.tile, L.t2 - L.t, L.c + L.t, L.s + L.t,
-                  block_part.data() + B * L.n + L.t);
+      undo_qubits(L, y + B * L.block, lam + B * L.block, L.block, L.tile, L.t, L.t2 - L.t,
+                  block_part.data() + B * L.n);
     }
   });
   std::vector<std::vector<double>> high_parts;
   for (int done = L.t2; done < L.n;) {
     const int R = std::min(3, L.n - done);
     const int64_t h = int64_t(1) << done;
-    const T* c = L.c + done;
-    const T* s = L.s + done;
     high_parts.emplace_back((L.size / (L.tile << R)) * R, 0.0);
     double* part = high_parts.back().data();
     for_high_chunks(L, R, h, [&](int64_t k, int64_t b0, int64_t j0, int64_t j1) {
       V acc[3] = {V{}, V{}, V{}};
-      if (R == 3) undo_block3<T>(y, lam, h, b0, j0, j1, c, s, acc);
-      else if (R == 2) undo_block<T, 2>(y, lam, h, b0, j0, j1, c, s, acc);
-      else undo_block<T, 1>(y, lam, h, b0, j0, j1, c, s, acc);
+      undo_group(L, done, R, y, lam, h, b0, j0, j1, acc);
       for (int r = 0; r < R; ++r) part[k * R + r] = lane_sum<T>(acc[r]);
     });
     done += R;
@@ -490,7 +561,10 @@ void backward_impl(const T* z, const T* mu, T* y, T* lam, const Perm& perm, cons
       for (int r = 0; r < R; ++r) grad[done + r] += part[k * R + r];
     done += R;
   }
-  for (int q = 0; q < L.n; ++q) grad[q] *= 0.5;
+  for (int q = 0; q < L.n; ++q) {
+    const double kappa = L.tail[contraction_stage(L, q)];
+    grad[q] *= 0.5 / (kappa * kappa);
+  }
 }
 
 // States smaller than two registers (n <= lane_bits): plain loops, in double.
