@@ -21,7 +21,10 @@ a multiple of the statevector (2^N amplitudes of the simulation dtype). Only sta
 (the plot leaves them out).
 
 Bandwidth bound: the bytes that the minimal passes over the state must move, divided by a measured
-copy bandwidth (``dst.copy_(src)`` of a ``--copy-mib`` tensor, read+write bytes / time). "Minimal"
+copy bandwidth (``dst.copy_(src)`` of a ``--copy-mib`` tensor, read+write bytes / time), measured
+next to every row (the mean of the copies timed just before and just after it: the speed of a shared
+machine drifts by tens of percent over a run, and a ratio is only meaningful between numbers taken under
+the same conditions). "Minimal"
 means: every layer (a rotation on every qubit and the CNOT chain, fused) reads and writes the state
 once in the forward pass; the backward pass per layer reads the incoming gradient and the saved layer
 input and writes the outgoing gradient (3 transfers); the final squaring costs 2 forward and 3
@@ -186,19 +189,19 @@ def implementation_bytes(sim: StatevectorSimulator, amp_bytes: int, variant: str
     backward R λ twice (the column gradients and λ contracted with each column). Squaring: 2 forward;
     backward R g + R ψ + W λ and the in-place doubling R λ + W λ.
 
-    fused: a layer forward is one tile sweep (R x through the gather + W; the qubits inside a tile are
-    rotated in L1) and one pass (R + W) per three qubits above the tile; its backward one tile sweep
-    over the state and λ (R both through the gather of the following permutation, W both) and one pass
-    over both per two qubits above the tile. The CNOT chain is computed, not read; an index permutation
-    is read once forward and twice backward. The first layer: W once forward (the product state), its
-    backward like any layer's. The trailing permutation: one gather forward (R + W), fused into the last
-    layer's backward. The squaring as for adjoint."""
+    fused: a layer forward is one sweep over tiles and blocks (R x through the gather + W; the qubits
+    inside a block are rotated in L1/L2) and one pass (R + W) per three qubits above the block; its
+    backward one sweep over the state and λ (R both through the gather of the following permutation,
+    W both) and one pass over both per three qubits above the block. The CNOT chain is computed, not
+    read; an index permutation is read once forward and twice backward. The first layer: W once forward
+    (the product state), its backward like any layer's. The trailing permutation: one gather forward
+    (R + W), fused into the last layer's backward. The squaring as for adjoint."""
     size = 2**sim.n_qubits
     state = size * amp_bytes
     index = size * 8
     if variant == "fused":
-        above = max(sim.n_qubits - fused_kernel.tile_bits(amp_bytes), 0)
-        layer = (1 + -(-above // 3)) * 2 * state + (1 + -(-above // 2)) * 4 * state
+        passes = 1 + -(-max(sim.n_qubits - fused_kernel.block_bits(amp_bytes), 0) // 3)
+        layer = passes * 2 * state + passes * 4 * state
         total = state + layer  # first layer
         for step in sim._fused_steps:
             permutation = step.permutation
@@ -321,9 +324,10 @@ def memory_probe(args) -> dict:
 
 
 def one_memory_probe(n: int, dtype_name: str, variant: str, args) -> int | None:
-    _, _, fwd_bwd = simulation_case(n, dtype_name, variant, args)
+    sim, _, fwd_bwd = simulation_case(n, dtype_name, variant, args)
 
     fwd_bwd()
+    sim.release_workspace()  # the scratch buffers kept between calls count: allocated again inside
     return peak_rss_delta(fwd_bwd)
 
 
@@ -440,14 +444,21 @@ def main(argv=None):
         if "error" in probe:
             print("memory probe failed:", probe["error"], flush=True)
     results = []
+    # The machine's speed drifts (a shared host): each row's bound uses the copy bandwidth measured just
+    # before and just after it (their mean), and its compute floor the matmul rate measured just after.
+    bw_before = bw
     for n in sorted(args.qubits):
         for dtype_name in args.dtypes:
             for variant in args.variants:
                 row = torch_row(n, dtype_name, variant, args)
-                row["bound_s"] = row["minimal_bytes"] / bw
+                bw_after = copy_bandwidth(args.copy_mib)
+                row_bw = row["copy_bandwidth_bytes_per_s"] = (bw_before + bw_after) / 2
+                row["matmul_flops_per_s"] = matmul_flop_rate(args.matmul_size, DTYPES[dtype_name])
+                bw_before = bw_after
+                row["bound_s"] = row["minimal_bytes"] / row_bw
                 row["ratio_to_bound"] = row["fwd_bwd_s_median"] / row["bound_s"]
-                row["implementation_bytes_s"] = row["implementation_bytes"] / bw
-                row["compute_floor_s"] = row["minimal_flops"] / flop_rates[dtype_name]
+                row["implementation_bytes_s"] = row["implementation_bytes"] / row_bw
+                row["compute_floor_s"] = row["minimal_flops"] / row["matmul_flops_per_s"]
                 row["roofline_s"] = max(row["bound_s"], row["compute_floor_s"])
                 row["ratio_to_roofline"] = row["fwd_bwd_s_median"] / row["roofline_s"]
                 if not args.no_memory:
@@ -495,15 +506,17 @@ def main(argv=None):
             "copy_bandwidth_bytes_per_s": bw,
             "matmul_flops_per_s": flop_rates,
             "fused_kernel": {"available": fused_kernel.load() is not None, "error": fused_kernel.error(),
-                             "tile_bytes": fused_kernel.TILE_BYTES},
+                             "tile_bytes": fused_kernel.TILE_BYTES, "block_bytes": fused_kernel.BLOCK_BYTES},
             "timed": "sim = StatevectorSimulator(circuit, gradient=row['gradient'], kernel=row['kernel']); "
                      "a = angles.requires_grad_(); (sim(a) * w).sum().backward(); median over repeats",
             "memory": "peak RSS increase during one fwd+bwd after a warm-up, fresh subprocess, "
                       "MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset via /proc/self/clear_refs",
             "bound": "minimal_bytes = (5L+5) * state_bytes (per layer fwd R+W, bwd 3 transfers; squaring 2+3); "
-                     "bound_s = minimal_bytes / copy bandwidth (read+write bytes per second of a large copy)",
+                     "bound_s = minimal_bytes / copy bandwidth (read+write bytes per second of a large copy; "
+                     "per row: the mean of the copies measured just before and just after the row)",
             "compute_floor": "minimal_flops = (11 N L + 3) 2^N (x4 complex); compute_floor_s = minimal_flops / "
-                             "matmul_flops_per_s; roofline_s = max(bound_s, compute_floor_s)",
+                             "matmul_flops_per_s (per row: measured just after it); "
+                             "roofline_s = max(bound_s, compute_floor_s)",
             "total_s": time.perf_counter() - t_start,
         },
         "results": results,

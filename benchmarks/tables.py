@@ -37,7 +37,10 @@ def simulator_tables(payload: dict) -> str:
     dtypes = [d for d in ("float32", "float64") if any(key[1] == d for key in torch_rows)]
     variants = [v for v in VARIANTS if any(key[2] == v for key in torch_rows)]
     meta = payload["meta"]
-    out = [f"Copy bandwidth {meta['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; peak matmul rate "
+    row_bw = [r["copy_bandwidth_bytes_per_s"] for r in torch_rows.values() if "copy_bandwidth_bytes_per_s" in r]
+    bw_text = (f"Copy bandwidth measured next to each row: {min(row_bw) / 1e9:.1f}–{max(row_bw) / 1e9:.1f} GB/s"
+               if row_bw else f"Copy bandwidth {meta['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    out = [bw_text + "; peak matmul rate at the start "
            + ", ".join(f"{d} {r / 1e9:.0f} GFLOP/s" for d, r in meta.get("matmul_flops_per_s", {}).items())
            + f"; load average {meta['machine']['loadavg_start'][0]:.1f} → {meta['machine']['loadavg_end'][0]:.1f}.",
            ""]
@@ -58,9 +61,9 @@ def simulator_tables(payload: dict) -> str:
                 r = torch_rows.get((n, d, v))
                 cells.append(f"{a['fwd_bwd_s_median'] / r['fwd_bwd_s_median']:.0f}x" if ran and r else "—")
         out.append("| " + " | ".join(cells) + " |")
-    out += ["", "| N | dtype | variant | measured | bandwidth bound | **measured / bound** | compute floor | "
-            "measured / roofline | implementation passes | peak memory | **/ statevector** |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["", "| N | dtype | variant | measured | copy bandwidth | bandwidth bound | **measured / bound** | "
+            "compute floor | measured / roofline | implementation passes | peak memory | **/ statevector** |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in [n for n in ns if n >= 16]:
         for d in dtypes:
             for v in variants:
@@ -70,7 +73,9 @@ def simulator_tables(payload: dict) -> str:
                 peak = r.get("peak_memory_bytes")
                 over = r.get("peak_memory_over_state")
                 out.append(
-                    f"| {n} | {d} | {v} | {ms(r['fwd_bwd_s_median'])} | {ms(r['bound_s'])} | "
+                    f"| {n} | {d} | {v} | {ms(r['fwd_bwd_s_median'])} | "
+                    f"{r.get('copy_bandwidth_bytes_per_s', meta['copy_bandwidth_bytes_per_s']) / 1e9:.1f} GB/s | "
+                    f"{ms(r['bound_s'])} | "
                     f"**{r['ratio_to_bound']:.2f}x** | {ms(r['compute_floor_s'])} | {r['ratio_to_roofline']:.2f}x | "
                     f"{ms(r['implementation_bytes_s'])} | {mib(peak) if peak else '—'} | "
                     f"{f'**{over:.1f}x**' if over else '—'} |")

@@ -2,11 +2,12 @@
 
 Applying a layer of RY rotations as Kronecker-block matmuls (the portable torch path in
 :mod:`peft_qpa.simulator`) costs 2^(k+1) flops per amplitude per block of k qubits and one pass over the
-state per block. The C++ kernel applies a whole layer (and the CNOT-chain gather before it) with
-3 flops per amplitude per qubit in SIMD registers, three qubits per load and store, one pass over each
-L1-sized tile plus one pass per three qubits above it; its adjoint backward undoes a layer the same way
-with the angle gradients contracted on the way. On one CPU core it is ~10x faster than the torch path at
-N >= 16 (``docs/performance.md``). Its results equal the torch path's to float rounding, not bit for bit.
+state per block. The C++ kernel applies a whole layer (and the CNOT-chain gather before it) in SIMD
+registers with one FMA per amplitude per qubit and three qubits per load and store: the low qubits in
+L1-sized tiles and L2-sized blocks, then one pass over the state per three qubits above. Its adjoint
+backward undoes a layer the same way (un-permuting by a gather, not a scatter) with the angle gradients
+contracted on the way. Timings against the torch path and the memory-bandwidth bound are in
+``docs/performance.md``. Its results equal the torch path's to float rounding, not bit for bit.
 
 It is built with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; the ``ninja``
 package is a dependency) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default under
@@ -33,15 +34,22 @@ logger = logging.get_logger(__name__)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "ry_layers.cpp"
 ENV_VAR = "PEFT_QPA_FUSED_KERNEL"
 # Cache blocking, passed to the compiler: tiles of TILE_BYTES (2^12 float32 or 2^11 float64 amplitudes;
-# the qubits below are rotated inside a tile, in L1), the qubits above in passes of three over the state.
-# Chosen by timing N = 16 and 20 on one core (8, 16 and 32 KiB; 16 KiB leaves room in L1 for the
-# gather's sources and, in the backward, for the state and its gradient side by side).
+# the qubits below are rotated inside a tile, in L1), blocks of BLOCK_BYTES (8 tiles: three more qubits
+# while the block is in L2), the qubits above in passes of three over the state. Chosen by timing
+# N = 16 and 20 on one core (tiles of 8, 16 and 32 KiB; blocks of 16, 64 and 128 KiB were within noise;
+# one pass for six high qubits at a time, in L2-sized chunks, was slower than two streaming passes).
 TILE_BYTES = 16384
+BLOCK_BYTES = 131072
 
 
 def tile_bits(itemsize: int) -> int:
     """Qubits rotated inside one tile for amplitudes of ``itemsize`` bytes (12 float32, 11 float64)."""
     return (TILE_BYTES // itemsize).bit_length() - 1
+
+
+def block_bits(itemsize: int) -> int:
+    """Qubits rotated inside one block (15 float32, 14 float64): the high passes start there."""
+    return min((BLOCK_BYTES // itemsize).bit_length() - 1, tile_bits(itemsize) + 3)
 
 # torch's build lock (a file in the build directory) outlives a process killed while compiling, and
 # the next build would then wait for it forever. A build takes ~1 minute, so an older lock is stale.
@@ -118,7 +126,8 @@ def load():
                     name=directory.name,
                     build_directory=str(directory),
                     sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native", f"-DQPA_TILE_BYTES={TILE_BYTES}"],
+                    extra_cflags=["-O3", "-march=native", f"-DQPA_TILE_BYTES={TILE_BYTES}",
+                                  f"-DQPA_BLOCK_BYTES={BLOCK_BYTES}"],
                     verbose=False,
                 )
                 _error = None

@@ -27,9 +27,10 @@ Two implementations of the same stages (``kernel=``):
 * ``"torch"``: the Kronecker-block matmuls and gathers above, in torch ops (CPU and CUDA, any circuit).
 * ``"fused"``: the compiled CPU kernel of :mod:`peft_qpa.fused_kernel` for circuits made of full RY
   layers and CNOTs (every ``build_ansatz(..., "ry_cnot")`` circuit): a layer and the CNOT chain before
-  it in two cache-blocked passes, 3 flops per amplitude and qubit, and an adjoint backward that undoes
-  each layer in place. Used for the no-grad forward and the adjoint path, on CPU float32/float64.
-  It agrees with the torch path to float rounding (not bit for bit).
+  it in SIMD registers, cache-blocked, one FMA per amplitude and qubit, and an adjoint backward that
+  un-permutes by a gather and undoes each layer. Used for the no-grad forward and the adjoint path, on
+  CPU float32/float64. It agrees with the torch path to float rounding (not bit for bit). It keeps up
+  to 3 state-sized scratch buffers between calls (:meth:`StatevectorSimulator.release_workspace`).
 * ``"auto"`` (default): ``"fused"`` where it applies and the kernel could be built, else ``"torch"``.
 """
 

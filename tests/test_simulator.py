@@ -161,7 +161,7 @@ def test_adjoint_second_call_and_retain_graph():
     angles = torch.rand(qc.num_parameters, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 6
     weights = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     p1, g1 = _loss_and_grad(sim, angles, weights)
-    p2, g2 = _loss_and_grad(sim, angles, weights)  # the module keeps no state between calls
+    p2, g2 = _loss_and_grad(sim, angles, weights)  # results do not depend on earlier calls
     assert torch.equal(p1, p2) and torch.equal(g1, g2)
     # a graph kept with retain_graph (the generator's reentrant-checkpointing path) can be backwarded again
     a = angles.clone().requires_grad_(True)
@@ -258,6 +258,66 @@ def test_fused_kernel_general_cnot_pattern_and_threads():
         torch.set_num_threads(threads)
     (p1, g1), (p2, g2) = results
     assert torch.equal(p1, p2) and torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("n_qubits, dtype", [(18, torch.float64), (19, torch.float32)])
+def test_fused_kernel_blocks_and_high_passes(n_qubits, dtype):
+    """Above a tile (2^12 float32 / 2^11 float64 amplitudes) and an L2 block (2^15 / 2^14) the kernel
+    turns the remaining qubits in passes over the whole state (here a pass of three and one of one)."""
+    _require_fused_kernel()
+    qc = build_ansatz(n_qubits, 2)
+    gen = torch.Generator().manual_seed(n_qubits)
+    angles = torch.rand(qc.num_parameters, dtype=torch.float64, generator=gen) * 4 * np.pi - 2 * np.pi
+    weights = torch.randn(2**n_qubits, dtype=torch.float64, generator=gen)
+    p_ref, g_ref = _loss_and_grad(StatevectorSimulator(qc, gradient="adjoint", kernel="torch"), angles, weights)
+    p, g = _loss_and_grad(StatevectorSimulator(qc, kernel="fused"), angles.to(dtype), weights.to(dtype))
+    if dtype == torch.float64:
+        torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-14)
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12 * float(g_ref.abs().max()))
+    else:
+        torch.testing.assert_close(p.double(), p_ref, rtol=1e-4, atol=1e-11)
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-3, atol=1e-4 * float(g_ref.abs().max()))
+
+
+def test_fused_workspace_never_leaks_into_results():
+    """The scratch buffers kept between calls are never returned or kept for a backward: two graphs
+    alive at once (the second forward reuses the buffers of the first) give the results of fresh
+    simulators; copies start without buffers; release_workspace frees them."""
+    import copy
+
+    _require_fused_kernel()
+    n = 13
+    qc = build_ansatz(n, 3)
+    gen = torch.Generator().manual_seed(11)
+    a1, a2 = (torch.rand(qc.num_parameters, dtype=torch.float64, generator=gen) * 6 for _ in range(2))
+    weights = torch.randn(2**n, dtype=torch.float64, generator=gen)
+    expected = [_loss_and_grad(StatevectorSimulator(qc), a, weights) for a in (a1, a2)]
+    sim = StatevectorSimulator(qc)
+    x1, x2 = a1.clone().requires_grad_(True), a2.clone().requires_grad_(True)
+    p1, p2 = sim(x1), sim(x2)
+    (p1 * weights).sum().backward()
+    (p2 * weights).sum().backward()
+    for (p_ref, g_ref), p, x in zip(expected, (p1, p2), (x1, x2)):
+        assert torch.equal(p.detach(), p_ref) and torch.equal(x.grad, g_ref)
+    assert 0 < sim._workspace.nbytes() <= 3 * 2**n * 8
+    assert copy.deepcopy(sim)._workspace.nbytes() == 0
+    sim.release_workspace()
+    assert sim._workspace.nbytes() == 0
+
+
+def test_fused_kernel_refuses_aliased_buffers():
+    _require_fused_kernel()
+    from peft_qpa import fused_kernel
+
+    module = fused_kernel.load()
+    z, mu, out = torch.rand(32), torch.rand(32), torch.empty(32)
+    c, s = torch.full((5,), 0.6), torch.full((5,), 0.8)
+    with pytest.raises(RuntimeError, match="two buffers"):
+        module.ry_layer_backward(z, z, None, True, c, s, out, torch.empty(32))
+    with pytest.raises(RuntimeError, match="other buffers"):
+        module.ry_layer_backward(z, mu, None, True, c, s, z, out)  # a gather cannot run in place
+    with pytest.raises(RuntimeError, match="not be the input"):
+        module.ry_layer_forward(z, None, True, c, s, z)
 
 
 def test_fused_kernel_unavailable_falls_back_or_errors(monkeypatch):

@@ -3,23 +3,24 @@
 // Forward, one layer: a gather of the state by a permutation (the CNOT chain before the layer, or an
 // index, or none), then RY(theta_q) on every qubit q (qubit q is bit q of a basis index, Qiskit's
 // little-endian order). The layer's rotations commute, so they are applied in the order that suits
-// the memory, in one 32-byte SIMD register (8 floats / 4 doubles) at a time:
-//   tile sweep: for each tile of TILE_BYTES (in L1), per register: the gather (the CNOT chain is two
-//               register loads and one two-source shuffle; no index is read), then the qubits inside
-//               the register ("lane" qubits: 3 for float, 2 for double) by in-register shuffles; then
-//               the other qubits of the tile, three at a time: 8 registers loaded, rotated, stored;
-//   high passes: the qubits above the tile, three at a time over the whole state (in L2/L3).
-// Register blocking makes the butterflies bound by arithmetic, not by loads and stores.
+// the memory, one 32-byte SIMD register (8 floats / 4 doubles) at a time:
+//   tiles (QPA_TILE_BYTES, in L1), per register: the gather (the CNOT chain is two register loads and
+//          one two-source shuffle; no index is read), then the qubits inside the register ("lane"
+//          qubits: 3 for float, 2 for double) by in-register shuffles; then the other qubits of the
+//          tile, three at a time (8 registers loaded, turned, stored);
+//   blocks (QPA_BLOCK_BYTES, 8 tiles, in L2): the next three qubits while the block is in cache;
+//   high passes: the qubits above a block, three at a time over the whole state.
+// Each rotation costs one FMA per amplitude (RY = sigma U, see Layer). Register blocking keeps loads
+// and stores at a third of the butterflies.
 //
 // Backward (adjoint), one layer: given z = P y (the output of the layer, still permuted by the
 // permutation P that follows it; P = identity for the last layer without one) and mu = P lambda, it
 // gathers y = P^-1 z and lambda = P^-1 mu (P^-1 of the chain is a prefix XOR: again two loads and a
-// shuffle per register, instead of a scatter), undoes the layer (R^T on every qubit) and returns
+// shuffle per register, instead of a scatter), undoes the layer (U^T on every qubit) and returns
 // dL/dtheta. Because the layer's rotations commute and RY'(theta) = J RY(theta) / 2 with J = RY(pi),
 // which commutes with every rotation of the layer, dL/dtheta_q = <lambda, J_q y> / 2 can be contracted
-// at any point of the undo, from the values at hand. The undo works two qubits at a time (y and lambda
-// together fill the registers). Partial sums (per tile, per chunk of a high pass) are added in a fixed
-// order, so results do not depend on the number of threads.
+// at any point of the undo, from the values at hand. Partial sums (per tile, block and chunk of a high
+// pass) are added in a fixed order, so results do not depend on the number of threads.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
