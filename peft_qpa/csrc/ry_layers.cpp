@@ -261,6 +261,17 @@ inline void unturn(V& a, V& b, T m, bool b_form) {  // (a, b) <- U^T (a, b)
   }
 }
 
+// U^T on the 2^R registers v for their R qubits (register index bit r = qubit r of the block).
+template <int R, int F, typename V, typename T>
+inline __attribute__((always_inline)) void unturn_registers(V* v, const T* m) {
+#pragma GCC unroll 3
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int k = 0; k < (1 << R); ++k)
+      if (!(k & (1 << r))) unturn(v[k], v[k | (1 << r)], m[r], (F >> r) & 1);
+  }
+}
+
 // Qubits q..q+R-1 at element stride h = 2^q (h >= lanes), on elements [b0 + j, ...) for offsets j in
 // [j0, j1): 2^R registers loaded, turned, stored.
 template <typename T, int R, int F>
@@ -342,23 +353,13 @@ inline void undo_block3(T* y, T* lam, int64_t h, int64_t b0, int64_t j0, int64_t
         acc[r] += vload(pl + k1 * h) * v[k] - vload(pl + k * h) * v[k1];
       }
     }
-#pragma GCC unroll 3
-    for (int r = 0; r < 3; ++r) {
-#pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k)
-        if (!(k & (1 << r))) unturn(v[k], v[k | (1 << r)], m[r], (F >> r) & 1);
-    }
+    unturn_registers<3, F>(v, m);
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
       vstore(py + k * h, v[k]);
       v[k] = vload(pl + k * h);
     }
-#pragma GCC unroll 3
-    for (int r = 0; r < 3; ++r) {
-#pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k)
-        if (!(k & (1 << r))) unturn(v[k], v[k | (1 << r)], m[r], (F >> r) & 1);
-    }
+    unturn_registers<3, F>(v, m);
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) vstore(pl + k * h, v[k]);
   }
