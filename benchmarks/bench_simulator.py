@@ -343,7 +343,6 @@ def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = payload["results"]
-    bw = payload["meta"]["copy_bandwidth_bytes_per_s"]
     fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(13, 5))
     styles = {"autograd": ("o", "-"), "adjoint": ("^", "--"), "fused": ("s", "-")}
     first_variant = next((r.get("variant", r.get("gradient")) for r in rows if r["backend"] == "torch_statevector"), None)
@@ -358,7 +357,7 @@ def plot(payload: dict, path: Path) -> None:
         ax_t.plot(ns, [r["fwd_bwd_s_median"] for r in sel], marker + line, color=color, linewidth=width,
                   label=f"{dtype_name} {variant} fwd+bwd")
         if variant == first_variant:
-            ax_t.plot(ns, [r["minimal_bytes"] / bw for r in sel], ":", color=color, label=f"bandwidth bound {dtype_name}")
+            ax_t.plot(ns, [r["bound_s"] for r in sel], ":", color=color, label=f"bandwidth bound {dtype_name}")
             if all("compute_floor_s" in r for r in sel):
                 ax_t.plot(ns, [r["compute_floor_s"] for r in sel], "-.", color=color, linewidth=1,
                           label=f"compute floor {dtype_name}")

@@ -243,6 +243,14 @@ class StatevectorSimulator(torch.nn.Module):
             i += 1
         self.register_buffer("_fused_angles", torch.tensor(layers, dtype=torch.long).reshape(len(layers), self.n_qubits),
                              persistent=False)
+        # the adjoint sweep's order: each layer row, last to first, with the permutation that follows it
+        rows, following = [0], {}
+        for step in steps:
+            if step.permutation is not None:
+                following[rows[-1]] = step.permutation
+            if step.layer is not None:
+                rows.append(step.layer)
+        self._fused_undo = [(row, following.get(row)) for row in reversed(rows)]
         return steps
 
     def _rotation_stage(self, gate: str, rotations: dict[int, int]) -> _RotationStage:
@@ -422,17 +430,10 @@ class StatevectorSimulator(torch.nn.Module):
         as a workspace buffer); never ``y``, which may be the kept final state."""
         cos, sin = self._fused_cos_sin(angles)
         grad = torch.zeros_like(angles)
-        rows, following = [0], {}  # layer rows in circuit order; the permutation after each row
-        for step in self._fused_steps:
-            if step.permutation is not None:
-                following[rows[-1]] = step.permutation
-            if step.layer is not None:
-                rows.append(step.layer)
         workspace, size, dtype = self._workspace, y.numel(), y.dtype
         spares: list = []
         owned = False  # whether y may be overwritten (not the kept final state)
-        for row in reversed(rows):
-            permutation = following.get(row)
+        for row, permutation in self._fused_undo:
             if permutation is None:  # undone in place
                 if not owned:
                     y, owned = y.clone(), True
@@ -463,7 +464,7 @@ class StatevectorSimulator(torch.nn.Module):
     # Adjoint backward (real amplitudes)
     # ----------------------------------------------------------------------------------------------
 
-    def _adjoint_backward(self, angles: torch.Tensor, buffers: list) -> torch.Tensor:
+    def _adjoint_backward(self, angles: torch.Tensor, buffers: list, fused=None) -> torch.Tensor:
         """dL/dangles from the final state and dL/dstate, sweeping the stages backwards.
 
         At every stage ``y = S(x)`` the sweep holds y and λ = dL/dy, reconstructs x = S^-1(y) and sets
@@ -471,16 +472,16 @@ class StatevectorSimulator(torch.nn.Module):
         blocks (and of the first layer's product-state columns) are then turned into angle gradients in
         a few batched ops (:func:`_kron_angle_grads`). ``buffers`` is ``[final state, dL/dstate]``; the
         list is emptied so that, when the caller holds no other reference, each state is released as
-        soon as the sweep is past it."""
+        soon as the sweep is past it. ``fused``: the compiled kernel where the caller found that it
+        applies (:meth:`_fused_module`); the sweep then runs in it (:meth:`_fused_sweep`)."""
         dtype = angles.dtype
         stages = self._stages
         product_start = self._starts_with_product_state()
         block_grads = []  # (angle indices, dL/dB, is a first-layer column)
         y, lam = buffers.pop(0), buffers.pop(0)
-        module = self._fused_module(angles)
-        if module is not None:
+        if fused is not None:
             with torch.no_grad():
-                return self._fused_sweep(angles, y, lam, module)
+                return self._fused_sweep(angles, y, lam, fused)
         with torch.no_grad():
             for i in range(len(stages) - 1, 0 if product_start else -1, -1):
                 stage = stages[i]
@@ -595,13 +596,14 @@ class _AdjointProbabilities(torch.autograd.Function):
         if not _graph_kept():
             ctx.state = None  # the graph is freed after this backward: let the sweep release the state
         sim = ctx.sim
+        fused = sim._fused_module(angles)
         # λ = 2 g ψ; on the fused path into a workspace buffer, which the sweep keeps for the next call
-        lam = sim._workspace.take(state.numel(), state.dtype) if sim._fused_module(angles) is not None else None
+        lam = sim._workspace.take(state.numel(), state.dtype) if fused is not None else None
         lam = torch.mul(grad_probs, state, out=lam)
         lam.mul_(2)
         buffers = [state, lam]
         del state, lam
-        return ctx.sim._adjoint_backward(angles, buffers), None
+        return sim._adjoint_backward(angles, buffers, fused), None
 
 
 def _graph_kept() -> bool:

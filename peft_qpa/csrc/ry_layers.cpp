@@ -400,20 +400,29 @@ inline void undo_group(const Layer<T>& L, int q0, int R, T* y, T* lam, int64_t h
   else undo_forms<T, 1>(f, y, lam, h, b0, j0, j1, L.m + q0, acc);
 }
 
-// The stage (first qubit of its group) at which qubit q's gradient is contracted: groups of up to
-// three from the start of each range, all three at the group's entry in a group of three.
-template <typename T>
-inline int contraction_stage(const Layer<T>& L, int q) {
-  const int K = Simd<T>::lane_bits;
-  if (q < K) return q;
-  const int lo = q < L.t ? K : (q < L.t2 ? L.t : L.t2);
-  const int hi = q < L.t ? L.t : (q < L.t2 ? L.t2 : L.n);
-  for (int done = lo; done < hi;) {
-    const int R = std::min(3, hi - done);
-    if (q < done + R) return R == 3 ? done : q;
+// Qubits q0 .. q0 + count - 1 in groups of up to three (the last one smaller): fn(first qubit, R).
+// Every pass over qubits, forward and backward, groups them this way.
+template <typename F>
+inline __attribute__((always_inline)) void for_groups(int q0, int count, F&& fn) {
+  for (int done = 0; done < count;) {
+    const int R = std::min(3, count - done);
+    fn(q0 + done, R);
     done += R;
   }
-  return q;
+}
+
+// The stage at which each qubit's gradient is contracted (see Layer): a lane qubit at its own; in a
+// group of three (undo_block3) all three at the group's first qubit; otherwise each at its own.
+template <typename T>
+inline void contraction_stages(const Layer<T>& L, int* stage) {
+  const int K = Simd<T>::lane_bits;
+  for (int q = 0; q < K; ++q) stage[q] = q;
+  const auto mark = [&](int q0, int R) {
+    for (int r = 0; r < R; ++r) stage[q0 + r] = R == 3 ? q0 : q0 + r;
+  };
+  for_groups(K, L.t - K, mark);
+  for_groups(L.t, L.t2 - L.t, mark);
+  for_groups(L.t2, L.n - L.t2, mark);
 }
 
 template <typename T>
@@ -426,25 +435,21 @@ inline double lane_sum(typename Simd<T>::V v) {
 // Qubits q0..q0+count-1 of a contiguous span of len elements (h0 = 2^(q0 - first qubit of the span)).
 template <typename T>
 inline void rotate_qubits(const Layer<T>& L, T* x, int64_t len, int64_t h0, int q0, int count) {
-  for (int done = 0; done < count;) {
-    const int R = std::min(3, count - done);
-    const int64_t h = h0 << done;
-    for (int64_t b0 = 0; b0 < len; b0 += h << R) rotate_group(L, q0 + done, R, x, h, b0, 0, h);
-    done += R;
-  }
+  for_groups(q0, count, [&](int q, int R) __attribute__((always_inline)) {
+    const int64_t h = h0 << (q - q0);
+    for (int64_t b0 = 0; b0 < len; b0 += h << R) rotate_group(L, q, R, x, h, b0, 0, h);
+  });
 }
 
 template <typename T>
 inline void undo_qubits(const Layer<T>& L, T* y, T* lam, int64_t len, int64_t h0, int q0, int count, double* sums) {
   typedef typename Simd<T>::V V;
-  for (int done = 0; done < count;) {
-    const int R = std::min(3, count - done);
-    const int64_t h = h0 << done;
+  for_groups(q0, count, [&](int q, int R) {
+    const int64_t h = h0 << (q - q0);
     V acc[3] = {V{}, V{}, V{}};
-    for (int64_t b0 = 0; b0 < len; b0 += h << R) undo_group(L, q0 + done, R, y, lam, h, b0, 0, h, acc);
-    for (int r = 0; r < R; ++r) sums[q0 + done + r] = lane_sum<T>(acc[r]);
-    done += R;
-  }
+    for (int64_t b0 = 0; b0 < len; b0 += h << R) undo_group(L, q, R, y, lam, h, b0, 0, h, acc);
+    for (int r = 0; r < R; ++r) sums[q + r] = lane_sum<T>(acc[r]);
+  });
 }
 
 // High passes: qubits t2..n-1 over the whole state, R at a time, in chunks of one tile per register
@@ -485,14 +490,12 @@ void forward_impl(const T* src, T* dst, const Perm& perm, const Layer<T>& L) {
       rotate_qubits(L, dst + B * L.block, L.block, L.tile, L.t, L.t2 - L.t);
     }
   });
-  for (int done = L.t2; done < L.n;) {
-    const int R = std::min(3, L.n - done);
-    const int64_t h = int64_t(1) << done;
+  for_groups(L.t2, L.n - L.t2, [&](int q, int R) {
+    const int64_t h = int64_t(1) << q;
     for_high_chunks(L, R, h, [&](int64_t, int64_t b0, int64_t j0, int64_t j1) {
-      rotate_group(L, done, R, dst, h, b0, j0, j1);
+      rotate_group(L, q, R, dst, h, b0, j0, j1);
     });
-    done += R;
-  }
+  });
 }
 
 template <typename T>
@@ -538,33 +541,33 @@ void backward_impl(const T* z, const T* mu, T* y, T* lam, const Perm& perm, cons
                   block_part.data() + B * L.n);
     }
   });
-  std::vector<std::vector<double>> high_parts;
-  for (int done = L.t2; done < L.n;) {
-    const int R = std::min(3, L.n - done);
-    const int64_t h = int64_t(1) << done;
-    high_parts.emplace_back((L.size / (L.tile << R)) * R, 0.0);
-    double* part = high_parts.back().data();
+  struct HighPart {
+    int q, R;                  // the group's qubits
+    std::vector<double> sums;  // R per chunk
+  };
+  std::vector<HighPart> high_parts;
+  for_groups(L.t2, L.n - L.t2, [&](int q, int R) {
+    const int64_t h = int64_t(1) << q;
+    high_parts.push_back({q, R, std::vector<double>((L.size / (L.tile << R)) * R, 0.0)});
+    double* part = high_parts.back().sums.data();
     for_high_chunks(L, R, h, [&](int64_t k, int64_t b0, int64_t j0, int64_t j1) {
       V acc[3] = {V{}, V{}, V{}};
-      undo_group(L, done, R, y, lam, h, b0, j0, j1, acc);
+      undo_group(L, q, R, y, lam, h, b0, j0, j1, acc);
       for (int r = 0; r < R; ++r) part[k * R + r] = lane_sum<T>(acc[r]);
     });
-    done += R;
-  }
+  });
   for (int q = 0; q < L.n; ++q) grad[q] = 0;
   for (int64_t b = 0; b < L.ntiles; ++b)
     for (int q = 0; q < L.t; ++q) grad[q] += tile_part[b * L.n + q];
   for (int64_t B = 0; B < L.nblocks; ++B)
     for (int q = L.t; q < L.t2; ++q) grad[q] += block_part[B * L.n + q];
-  int done = L.t2;
-  for (const auto& part : high_parts) {
-    const int R = std::min(3, L.n - done);
-    for (size_t k = 0; k < part.size() / R; ++k)
-      for (int r = 0; r < R; ++r) grad[done + r] += part[k * R + r];
-    done += R;
-  }
+  for (const HighPart& hp : high_parts)
+    for (size_t k = 0; k < hp.sums.size() / hp.R; ++k)
+      for (int r = 0; r < hp.R; ++r) grad[hp.q + r] += hp.sums[k * hp.R + r];
+  int stage[64];
+  contraction_stages(L, stage);
   for (int q = 0; q < L.n; ++q) {
-    const double kappa = L.tail[contraction_stage(L, q)];
+    const double kappa = L.tail[stage[q]];
     grad[q] *= 0.5 / (kappa * kappa);
   }
 }
