@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -10,6 +11,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .layer import QPALayer
+from .saving import staged_directory
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -25,8 +27,9 @@ def export_lora(peft_model, save_directory: str, adapter_name: str = "default") 
     config = peft_model.peft_config.get(adapter_name)
     if config is None or not hasattr(tuner, "get_generator"):
         raise ValueError(f"{adapter_name!r} is not a QPA adapter of this model; adapters: {list(peft_model.peft_config)}.")
+    _refuse_to_overwrite_another_adapter(save_directory)
     generator = tuner.get_generator(adapter_name)
-    generator.refresh_snapshot()
+    generator.refresh_snapshot(force=True)
 
     state_dict = {}
     target_modules = []
@@ -57,8 +60,26 @@ def export_lora(peft_model, save_directory: str, adapter_name: str = "default") 
         revision=config.revision,
         inference_mode=True,
     )
-    os.makedirs(save_directory, exist_ok=True)
-    save_file({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()},
-              os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-    lora_config.save_pretrained(save_directory)
+    with staged_directory(save_directory) as staging:
+        save_file({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()},
+                  os.path.join(staging, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        lora_config.save_pretrained(staging)
     return lora_config
+
+
+def _refuse_to_overwrite_another_adapter(save_directory) -> None:
+    """Exporting over a QPA adapter (or any non-LoRA adapter) would destroy its generator: refuse."""
+    config_path = os.path.join(os.fspath(save_directory), "adapter_config.json")
+    if not os.path.isfile(config_path):
+        return
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            peft_type = json.load(f).get("peft_type")
+    except (OSError, ValueError):
+        peft_type = "unreadable"
+    if peft_type != "LORA":
+        kind = "a QPA adapter" if peft_type == "QPA" else f"an adapter of type {peft_type!r}"
+        raise ValueError(
+            f"{save_directory} holds {kind}; exporting the LoRA twin there would overwrite it (as a QPA adapter, its "
+            "generator would be lost). Export into another directory, e.g. f'{save_directory}-lora'."
+        )

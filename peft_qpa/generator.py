@@ -20,6 +20,9 @@ angles and hidden layers without gradient at the first step.
 from __future__ import annotations
 
 import math
+import functools
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -183,6 +186,14 @@ class QPAGenerator(nn.Module):
         return x - x.mean()
 
     def _raw_output(self, step: int) -> torch.Tensor:
+        # The generator computes in its own dtype whatever autocast is active around it (TRL and the
+        # Trainer's bf16 turn autocast on): in bfloat16 the offset would no longer cancel the initial output,
+        # so a fresh adapter would not equal the base model, and the saved snapshot would depend on whether
+        # the last forward ran under autocast.
+        with torch.autocast(self.angles.device.type, enabled=False):
+            return self._raw_output_in_own_dtype(step)
+
+    def _raw_output_in_own_dtype(self, step: int) -> torch.Tensor:
         probs = self.probabilities(step)[: self.n_chunks]
         features = torch.cat([self.basis_bits, self.postprocess(probs).unsqueeze(1).to(self.basis_bits.dtype)], 1)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.mapping.parameters()):
@@ -212,23 +223,46 @@ class QPAGenerator(nn.Module):
     def attach_snapshot(self, targets: dict[str, tuple[Any, str]]) -> None:
         """Where each generated tensor's snapshot lives: spec name -> (BufferDict, key in it)."""
         self._snapshot_targets = targets
-        self._snapshot_key = None
+        self._snapshot_state = None
         self._live = None
 
-    def _state_key(self) -> tuple:
-        # In-place updates (optimizer steps, load_state_dict) bump a tensor's _version; replacing a
-        # tensor changes its data_ptr. Either invalidates the snapshot.
+    def _fingerprint(self) -> tuple:
+        """What the generated tensors depend on: the parameters' values (few: compared by content, so that edits
+        through ``.data``, which no version counter sees, are caught too) and the buffers' identity and version
+        (the offset holds M numbers; it only changes by loading or casting, which replace or bump it)."""
+        buffers = tuple((b.data_ptr(), b._version, b.dtype) for b in self.buffers())
+        params = [p.detach().reshape(-1) for p in self.parameters()]
+        return buffers, torch.cat(params) if params else None
+
+    def _unchanged_since(self, fingerprint: Optional[tuple]) -> bool:
+        if fingerprint is None:
+            return False
+        buffers, params = self._fingerprint()
+        old_buffers, old_params = fingerprint
+        if buffers != old_buffers:
+            return False
+        if params is None or old_params is None:
+            return params is old_params
+        return params.dtype == old_params.dtype and params.device == old_params.device and torch.equal(params, old_params)
+
+    def _versions(self) -> tuple:
+        # In-place updates (optimizer steps, load_state_dict) bump a tensor's _version; replacing a tensor
+        # changes its data_ptr. Cheap enough to check at every layer of a forward.
         return tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
 
     def _needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
-    def begin_forward(self, reentrant_checkpointing: bool = False) -> None:
+    def begin_forward(self, training: bool = True, reentrant_checkpointing: bool = False) -> None:
         """Called at the start of every forward of the whole model: generate once for all layers.
 
         With gradients needed, the tensors are generated here, outside any gradient-checkpointed block,
         and every layer reads the same live tensors. Otherwise layers read the snapshot, which is
-        regenerated only when the generator's parameters changed.
+        regenerated only when the generator changed.
+
+        Only a training forward (``training=True``) advances ``step``, which seeds shot sampling: in eval
+        mode the output is the snapshot's, also when gradients are enabled (they still flow, as they do to
+        LoRA weights in eval mode).
 
         Reentrant gradient checkpointing runs one nested backward per checkpointed block, and each would
         traverse (and free) the generator's graph. Then the layers read a detached leaf instead; its
@@ -237,13 +271,29 @@ class QPAGenerator(nn.Module):
         self._live = None
         if not self._needs_grad():
             return
+        self._make_live(advance=training, reentrant_checkpointing=reentrant_checkpointing)
+
+    def end_forward(self) -> None:
+        """Drop the live tensors (the adapter is merged or disabled: its layers do not read them)."""
+        self._live = None
+
+    def _make_live(self, advance: bool, reentrant_checkpointing: bool = False) -> None:
+        if advance:
+            self._report_non_finite()
         flat = self.generate()
         if reentrant_checkpointing:
             generated, flat = flat, flat.detach().requires_grad_(True)
-            flat.register_hook(lambda grad: _queue_backward(generated, grad))
+            flat.register_hook(functools.partial(_queue_backward, generated))
+        else:
+            # Once a backward has gone through them, the live tensors' graph is freed: a layer called on its
+            # own after that (e.g. the decoder without the LM head) must get new ones.
+            flat.register_hook(functools.partial(_mark_live_consumed, weakref.ref(self)))
         self._live = self.split(flat)
-        with torch.no_grad():
-            self.step += 1
+        self._live_consumed = False
+        if advance:
+            with torch.no_grad():
+                self.step += 1
+        self._live_versions = self._versions()
 
     def __getstate__(self):
         # Live tensors belong to one forward's autograd graph: never copy or pickle them.
@@ -251,43 +301,110 @@ class QPAGenerator(nn.Module):
         state["_live"] = None
         return state
 
-    def live_tensors(self) -> Optional[dict[str, torch.Tensor]]:
+    def live_tensors(self, training: bool = True) -> Optional[dict[str, torch.Tensor]]:
         """The live (differentiable) tensors of this forward, or None when the snapshot is to be used
-        (in which case it is made fresh first)."""
-        if getattr(self, "_live", None) is not None:
+        (in which case it is made fresh first).
+
+        Live tensors of an earlier forward are reused only while the generator is unchanged and no backward
+        has consumed their graph; otherwise (a layer or submodule called on its own, outside a whole-model
+        forward) they are generated anew, once for all layers of that call."""
+        live = getattr(self, "_live", None)
+        if live is not None and not self._live_consumed and self._live_versions == self._versions():
+            return live
+        self._live = None
+        if self._needs_grad():
+            self._make_live(advance=training)
             return self._live
-        if self._needs_grad():  # a layer called on its own, outside a whole-model forward: no caching
-            return self.split(self.generate())
         self.refresh_snapshot()
         return None
 
     @torch.no_grad()
-    def refresh_snapshot(self) -> None:
-        """Regenerate the snapshot buffers if the generator changed since they were written."""
+    def refresh_snapshot(self, force: bool = False) -> None:
+        """Regenerate the snapshot buffers if the generator changed since they were written (always with
+        ``force``: saving and exporting use it, as they are rare and must never write a stale snapshot)."""
         targets = getattr(self, "_snapshot_targets", None)
-        if not targets or self.angles.is_meta or self._snapshot_key == self._state_key():
+        if not targets or self.angles.is_meta:
             return
+        if not force and self._unchanged_since(self._snapshot_state):
+            return
+        state = self._fingerprint()
         tensors = self.split(self.generate())
         for name, (buffers, key) in targets.items():
             buffers[key].copy_(tensors[name])
-        self._snapshot_key = self._state_key()
+        self._snapshot_state = state
 
     def mark_snapshot_fresh(self) -> None:
         """Declare the snapshot buffers authoritative for the current parameters (after a load)."""
-        self._snapshot_key = self._state_key()
+        self._snapshot_state = self._fingerprint()
 
     @torch.no_grad()
+    def snapshot_disagreement(self) -> tuple[float, float, int, int]:
+        """Compare the snapshot buffers with a fresh generation, without writing anything.
+
+        Returns ``(max |difference|, tolerance, numbers beyond it, numbers compared)``. The tolerance allows
+        float rounding between machines (thread counts, compiled kernel or not): 1e-3 of the largest snapshot
+        value in float32/float64, 1e-2 in half precision."""
+        targets = getattr(self, "_snapshot_targets", None) or {}
+        tensors = self.split(self.generate())
+        pairs = [(buffers[key], tensors[name]) for name, (buffers, key) in targets.items()]
+        if not pairs:
+            return 0.0, 0.0, 0, 0
+        scale = max(float(saved.detach().abs().max()) if saved.numel() else 0.0 for saved, _ in pairs)
+        half = any(saved.dtype in (torch.float16, torch.bfloat16) for saved, _ in pairs)
+        tolerance = (1e-2 if half else 1e-3) * max(scale, 1e-3)
+        worst, beyond, total = 0.0, 0, 0
+        for saved, fresh in pairs:
+            diff = (saved.double() - fresh.to(saved.device).double()).abs()
+            diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+            if diff.numel():
+                worst = max(worst, float(diff.max()))
+            beyond += int((diff > tolerance).sum())
+            total += diff.numel()
+        return worst, tolerance, beyond, total
+
+    def _report_non_finite(self) -> None:
+        """Warn once (until the parameters are finite again) when training has made them NaN or inf."""
+        params = [p.detach().reshape(-1) for p in self.parameters()]
+        if not params or self.angles.is_meta:
+            return
+        finite = bool(torch.isfinite(torch.cat(params)).all())
+        if finite:
+            self._warned_non_finite = False
+            return
+        if getattr(self, "_warned_non_finite", False):
+            return
+        self._warned_non_finite = True
+        bad = [name for name, p in self.named_parameters() if not torch.isfinite(p.detach()).all()]
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        warnings.warn(
+            f"QPA adapter '{getattr(self, 'adapter_name', 'default')}': the generator's parameters are not finite "
+            f"(NaN or inf in {shown}) at step {int(self.step)}, so every generated weight and the loss are NaN from "
+            "here on. Lower the learning rate or clip gradients (Trainer: max_grad_norm), and resume from the last "
+            "checkpoint saved before this step.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _apply(self, fn, recurse=True):
+        # A dtype change (model.to(torch.bfloat16), .half(), ...) re-anchors the offset in the new dtype, so
+        # the generated tensors keep their values up to rounding and a zero tensor (LoRA's B at init) stays
+        # exactly zero, as it does for a LoRA adapter cast the same way.
+        angles = self._parameters.get("angles")
+        if angles is None or angles.is_meta or "offset" not in self._buffers:
+            return super()._apply(fn, recurse)
+        probe = fn(torch.zeros((), dtype=angles.dtype, device=angles.device))
+        if probe.dtype == angles.dtype or not probe.dtype.is_floating_point:
+            return super()._apply(fn, recurse)
+        with torch.no_grad():
+            current = self.generate()
+        result = super()._apply(fn, recurse)
+        with torch.no_grad():
+            self.offset.copy_(current.to(self.offset.device, self.offset.dtype) - self._raw_output(int(self.step)))
+        return result
+
     def cast_(self, dtype: torch.dtype) -> "QPAGenerator":
-        """Move parameters and buffers to ``dtype`` in place, keeping the generated tensors: the offset is
-        re-anchored in the new dtype, so a zero tensor (LoRA's B at init) stays exactly zero."""
-        if self.angles.dtype == dtype:
-            return self
-        if self.angles.is_meta:  # low_cpu_mem_usage: the checkpoint loaded next provides the values
-            return self.to(dtype)
-        current = self.generate()
-        self.to(dtype)
-        self.offset.copy_(current.to(dtype) - self._raw_output(int(self.step)))
-        return self
+        """Move parameters and buffers to ``dtype`` in place, keeping the generated tensors (see ``_apply``)."""
+        return self.to(dtype)
 
     def circuit(self):
         """The Qiskit circuit with the current angles bound (drawable: ``.circuit().draw()``)."""
@@ -315,6 +432,14 @@ class QPAGenerator(nn.Module):
         if lora_parameters:
             lines.append(f"ratio to LoRA with the same r and targets: {total / lora_parameters:.2%} ({total} / {lora_parameters})")
         return "\n".join(lines)
+
+
+def _mark_live_consumed(generator_ref: "weakref.ref[QPAGenerator]", grad: torch.Tensor) -> None:
+    # A weak reference: a tensor hook is held by autograd (C++), out of reach of Python's cycle collector, so a
+    # strong one would keep a deleted adapter's generator alive.
+    generator = generator_ref()
+    if generator is not None:
+        generator._live_consumed = True
 
 
 def _queue_backward(flat: torch.Tensor, grad: torch.Tensor) -> None:

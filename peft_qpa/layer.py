@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
 from peft.utils.other import transpose
 from torch import nn
 
@@ -24,10 +25,20 @@ from .generator import TensorSpec
 class QPALayer(BaseTunerLayer):
     # No per-layer trainable weights: the trainable state lives in the tuner's shared generator.
     adapter_layer_names: tuple[str, ...] = ()
-    other_param_names = ("qpa_lora_A", "qpa_lora_B", "qpa_dropout", "r", "lora_alpha", "scaling")
+    # Per-adapter state that delete_adapter must drop too (the generator reference, the layer's name in it,
+    # and the matrices a merge added to the base weight).
+    other_param_names = (
+        "qpa_lora_A", "qpa_lora_B", "qpa_dropout", "r", "lora_alpha", "scaling",
+        "_qpa_generators", "_qpa_module_name", "_qpa_merged",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
+        # Quantized base layers (bitsandbytes, HQQ, torchao): merge/unmerge read and write the base weight
+        # through PEFT's backend, as VeRA and LoRA do.
+        self.quantization_backend = resolve_quantization_backend(
+            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
+        )
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -37,6 +48,10 @@ class QPALayer(BaseTunerLayer):
         # adapter name -> the generator that fills this layer (set by QPAModel after injection). Kept in a
         # plain dict so the generator is not registered (and saved) once per layer.
         self._qpa_generators: dict[str, Any] = {}
+        self._qpa_module_name: dict[str, str] = {}
+        # adapter name -> (A, B) added to the base weight by merge(): unmerge subtracts exactly these, whatever
+        # the generator produces by then.
+        self._qpa_merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
@@ -65,25 +80,36 @@ class QPALayer(BaseTunerLayer):
 
     def _lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B for this forward: the generator's live output, or the (fresh) snapshot."""
-        generator_state = self._qpa_generators.get(adapter_name)
-        if generator_state is not None:
-            live = generator_state.live_tensors()
+        generator = self._qpa_generators.get(adapter_name)
+        if generator is not None:
+            live = generator.live_tensors(training=self.training)
             if live is not None:
                 name = self._qpa_module_name[adapter_name]
                 return live[f"{name}.lora_A"], live[f"{name}.lora_B"]
         return self.qpa_lora_A[adapter_name], self.qpa_lora_B[adapter_name]
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """scaling * B @ A in the base weight's layout (transposed for fan_in_fan_out)."""
-        generator_state = self._qpa_generators.get(adapter_name)
-        if generator_state is not None:
-            generator_state.refresh_snapshot()
-        lora_a = self.qpa_lora_A[adapter_name]
-        lora_b = self.qpa_lora_B[adapter_name]
-        weight = self.get_base_layer().weight
-        compute_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    def _delta(self, lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
+        compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        if not compute_dtype.is_floating_point:
+            compute_dtype = lora_a.dtype
         delta = transpose(lora_b.to(compute_dtype) @ lora_a.to(compute_dtype), self.fan_in_fan_out)
-        return (delta * self.scaling[adapter_name]).to(weight.dtype)
+        return (delta * self.scaling[adapter_name]).to(dtype if dtype.is_floating_point else compute_dtype)
+
+    def _snapshot(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's A and B as the generator produces them now (regenerated if it changed in any way)."""
+        generator = self._qpa_generators.get(adapter_name)
+        if generator is not None:
+            generator.refresh_snapshot()
+        return self.qpa_lora_A[adapter_name], self.qpa_lora_B[adapter_name]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """scaling * B @ A in the base weight's layout (transposed for fan_in_fan_out) and dtype."""
+        lora_a, lora_b = self._snapshot(adapter_name)
+        return self._delta(lora_a, lora_b, adapter_name, self.get_base_layer().weight.dtype)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # The delta is exactly rank r: peft.convert_to_lora recovers the generated LoRA.
+        return True
 
 
 class Linear(nn.Module, QPALayer):
@@ -105,7 +131,6 @@ class Linear(nn.Module, QPALayer):
         QPALayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
-        self._qpa_module_name: dict[str, str] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, inference_mode=inference_mode)
 
@@ -113,18 +138,21 @@ class Linear(nn.Module, QPALayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        base_layer = self.get_base_layer()
         for active_adapter in adapter_names:
             if active_adapter not in self.qpa_lora_A:
                 continue
-            delta = self.get_delta_weight(active_adapter)
+            lora_a, lora_b = (t.detach().clone() for t in self._snapshot(active_adapter))
+            weight = self.get_base_weight()
+            delta = self._delta(lora_a, lora_b, active_adapter, weight.dtype)
             if safe_merge:
-                merged = base_layer.weight.data + delta
+                merged = weight.clone() + delta
                 if not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {active_adapter} seems to be broken")
-                base_layer.weight.data = merged
+                self.set_base_weight(merged)
             else:
-                base_layer.weight.data += delta
+                weight += delta
+                self.set_base_weight(weight)
+            self._qpa_merged[active_adapter] = (lora_a, lora_b)
             self.merged_adapters.append(active_adapter)
 
     def unmerge(self) -> None:
@@ -133,8 +161,13 @@ class Linear(nn.Module, QPALayer):
             return
         while self.merged_adapters:
             active_adapter = self.merged_adapters.pop()
-            if active_adapter in self.qpa_lora_A:
-                self.get_base_layer().weight.data -= self.get_delta_weight(active_adapter)
+            merged = self._qpa_merged.pop(active_adapter, None)
+            if active_adapter not in self.qpa_lora_A:
+                continue
+            lora_a, lora_b = merged if merged is not None else self._snapshot(active_adapter)
+            weight = self.get_base_weight()
+            weight -= self._delta(lora_a, lora_b, active_adapter, weight.dtype)
+            self.set_base_weight(weight)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -145,6 +178,8 @@ class Linear(nn.Module, QPALayer):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         torch_result_dtype = result.dtype
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
         for active_adapter in self.active_adapters:
             if active_adapter not in self.qpa_lora_A:
                 continue

@@ -8,7 +8,11 @@ from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    get_quantization_kwargs,
+    resolve_quantization_backend,
+)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
@@ -50,6 +54,22 @@ def build_generator(config: QPAConfig, specs, device=None) -> QPAGenerator:
     return generator.to(device) if device is not None else generator
 
 
+def _refuse_distributed_reentrant_checkpointing() -> None:
+    """Reentrant checkpointing pushes the generator's gradient through it after each nested backward, outside
+    the backward that DistributedDataParallel synchronises: the ranks' generators would drift apart silently."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() <= 1:
+        return
+    raise RuntimeError(
+        "QPA does not support reentrant gradient checkpointing in distributed (DDP) training: the generator's "
+        "gradients would not be synchronised across ranks. Use non-reentrant checkpointing instead: "
+        "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), or with the "
+        "HF Trainer, TrainingArguments(gradient_checkpointing=True, "
+        "gradient_checkpointing_kwargs={'use_reentrant': False})."
+    )
+
+
 class QPAModel(BaseTuner):
     """Creates a Quantum Parameter Adaptation (QPA) model from a pretrained transformers model.
 
@@ -78,6 +98,8 @@ class QPAModel(BaseTuner):
         self._forward_hook_handle = self.model.register_forward_pre_hook(self._begin_forward)
         # Make the saved snapshot match the current generator whenever a state dict is taken.
         self.register_state_dict_pre_hook(self._refresh_before_state_dict)
+        # After a load, check that the loaded generator reproduces the loaded snapshot.
+        self.register_load_state_dict_post_hook(self._after_load)
 
     # --- shared state ----------------------------------------------------------------------------------
     def _generators(self) -> nn.ModuleDict:
@@ -135,7 +157,7 @@ class QPAModel(BaseTuner):
         if device is not None and not on_meta:
             generator = generator.to(device)
         generator.attach_snapshot(targets)
-        generator.register_load_state_dict_post_hook(self._after_load_hook(adapter_name))
+        generator.adapter_name = adapter_name
         self._generators()[adapter_name] = generator
         for _, layer in layers:
             layer._qpa_generators[adapter_name] = generator
@@ -151,44 +173,89 @@ class QPAModel(BaseTuner):
         lora_params = sum(s.numel for s in specs)
         logger.info("QPA adapter %r:\n%s", adapter_name, generator.summary(lora_params))
 
-    @staticmethod
-    def _after_load_hook(adapter_name: str):
-        def hook(generator, incompatible_keys):
-            # Loaded snapshots are authoritative (bit-exact outputs after a reload) unless one was missing.
-            missing = [k for k in incompatible_keys.missing_keys if ".qpa_lora_" in k and k.endswith(f".{adapter_name}")]
-            if not missing:
-                generator.mark_snapshot_fresh()
-
-        return hook
+    def _after_load(self, module, incompatible_keys) -> None:
+        """After ``load_state_dict``: loaded snapshots are authoritative (bit-exact outputs after a reload), and an
+        adapter whose generator was loaded too is cross-checked: a generator that does not reproduce its
+        snapshot (a corrupted file, or an edited config field that keeps the shapes) is reported."""
+        missing = incompatible_keys.missing_keys
+        for adapter_name, generator in self._generators().items():
+            if any(k.endswith(f".qpa_lora_A.{adapter_name}") or k.endswith(f".qpa_lora_B.{adapter_name}") for k in missing):
+                continue  # this adapter's snapshot was not in the loaded state dict
+            if any(p.is_meta for p in generator.parameters()):
+                continue
+            generator_loaded = not any(f"{GENERATOR_ATTR}.{adapter_name}." in k for k in missing)
+            if generator_loaded:
+                worst, tolerance, beyond, total = generator.snapshot_disagreement()
+                if beyond:
+                    config = self.peft_config.get(adapter_name)
+                    warnings.warn(
+                        f"QPA adapter '{adapter_name}': the loaded LoRA snapshot and the output regenerated from the "
+                        f"loaded generator disagree (max |difference| {worst:.3g} in {beyond} of {total} numbers; "
+                        f"rounding allows {tolerance:.2g}). The adapter's files changed after it was saved: a "
+                        "corrupted adapter_model.safetensors, or an edited adapter_config.json field that keeps the "
+                        "shapes (prob_*, mapping_activation, ansatz, backend, ...; now "
+                        f"backend={getattr(config, 'backend', None)!r}, ansatz={getattr(config, 'ansatz', None)!r}). "
+                        "Inference uses the saved snapshot; training would continue from the generator, whose output "
+                        "differs. Re-save the adapter from the model that trained it, or restore the original config.",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+            generator.mark_snapshot_fresh()
 
     def _begin_forward(self, module, args):
         generators = self._generators()
         active = [name for name in self.active_adapters if name in generators]
-        if not active or self._adapters_disabled():
+        if not active:
             return
-        reentrant = self._uses_reentrant_checkpointing()
+        disabled, merged = self._layer_states()
+        if disabled:
+            for name in active:
+                generators[name].end_forward()
+            return
+        training = self.model.training
+        reentrant = False
+        if training and torch.is_grad_enabled():
+            reentrant = self._uses_reentrant_checkpointing()
+            if reentrant:
+                _refuse_distributed_reentrant_checkpointing()
         for adapter_name in active:
-            generators[adapter_name].begin_forward(reentrant_checkpointing=reentrant)
+            if adapter_name in merged:
+                # A merged adapter is already in the base weights: its layers read nothing, and drawing new
+                # shots or advancing the step here would make unmerge subtract something else.
+                generators[adapter_name].end_forward()
+            else:
+                generators[adapter_name].begin_forward(training=training, reentrant_checkpointing=reentrant)
+
+    def _layer_states(self) -> tuple[bool, set]:
+        """Whether the QPA layers are disabled, and the adapters merged into any layer."""
+        disabled, merged = None, set()
+        for module in self.model.modules():
+            if isinstance(module, QPALayer):
+                if disabled is None:
+                    disabled = module.disable_adapters
+                merged.update(module.merged_adapters)
+        return bool(disabled), merged
 
     def _uses_reentrant_checkpointing(self) -> bool:
-        """Whether transformers' gradient checkpointing is on with ``use_reentrant=True``."""
-        if not getattr(self.model, "is_gradient_checkpointing", False) or not self.model.training:
-            return False
+        """Whether transformers' gradient (activation) checkpointing is on with ``use_reentrant=True``.
+
+        Read from the checkpointed modules themselves (``gradient_checkpointing`` and the
+        ``_gradient_checkpointing_func`` partial that transformers sets on them), not from the model's deprecated
+        ``is_gradient_checkpointing`` property."""
         for module in self.model.modules():
+            if getattr(module, "gradient_checkpointing", False) is not True:
+                continue
             func = getattr(module, "_gradient_checkpointing_func", None)
             if func is not None:
                 return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
         return False
 
     def _adapters_disabled(self) -> bool:
-        for module in self.model.modules():
-            if isinstance(module, QPALayer):
-                return module.disable_adapters
-        return False
+        return self._layer_states()[0]
 
     def _refresh_before_state_dict(self, module, prefix, keep_vars):
         for generator in self._generators().values():
-            generator.refresh_snapshot()
+            generator.refresh_snapshot(force=True)
 
     # --- injection -------------------------------------------------------------------------------------
     def _create_and_replace(self, qpa_config: QPAConfig, adapter_name, target, target_name, parent, current_key, **kwargs):
@@ -200,6 +267,7 @@ class QPAModel(BaseTuner):
             "lora_dropout": qpa_config.lora_dropout,
             "fan_in_fan_out": qpa_config.fan_in_fan_out,
         }
+        layer_kwargs.update(get_quantization_kwargs(self))
         if isinstance(target, QPALayer):
             target.update_layer(
                 adapter_name, qpa_config.r, qpa_config.lora_alpha, qpa_config.lora_dropout,
@@ -214,7 +282,8 @@ class QPAModel(BaseTuner):
     @staticmethod
     def _create_new_module(qpa_config: QPAConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, nn.Linear):
+        quantized = resolve_quantization_backend(base, get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass"))
+        if isinstance(base, nn.Linear) or (quantized is not None and quantized.layer_type == "linear"):
             if kwargs["fan_in_fan_out"]:
                 warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting it to False.")
                 kwargs["fan_in_fan_out"] = qpa_config.fan_in_fan_out = False
@@ -226,7 +295,7 @@ class QPAModel(BaseTuner):
         else:
             raise TypeError(
                 f"Target module {target.__class__.__name__} ({target}) is not supported by QPA. Supported: "
-                "`torch.nn.Linear` and `transformers.pytorch_utils.Conv1D`. Change `target_modules` so that it only "
+                "`torch.nn.Linear` (optionally quantized) and `transformers.pytorch_utils.Conv1D`. Change `target_modules` so that it only "
                 "matches such layers."
             )
         return Linear(target, adapter_name, inference_mode=qpa_config.inference_mode, **kwargs)
@@ -256,8 +325,10 @@ class QPAModel(BaseTuner):
                 self._generators()[name].requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
         generators = self._generators()
+        if adapter_name in generators:
+            generators[adapter_name].end_forward()
+        super().delete_adapter(adapter_name)
         if adapter_name in generators:
             del generators[adapter_name]
 

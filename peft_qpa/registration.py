@@ -36,7 +36,9 @@ def register_qpa() -> None:
 
     from .config import QPAConfig
     from .model import QPAModel
+    from .saving import install_staged_save
 
+    install_staged_save()
     peft_type = ensure_peft_type()
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
