@@ -43,6 +43,7 @@ from qiskit_aer.noise import NoiseModel
 from transformers.utils import logging
 
 from .circuit import circuit_parameters
+from .config import AER_BYTES_PER_SHOT, SEED_MAX, _format_bytes, memory_budget
 
 logger = logging.get_logger(__name__)
 
@@ -84,19 +85,27 @@ def available_fake_backends() -> dict[str, str]:
     return dict(sorted(names.items()))
 
 
+def resolve_fake_backend_name(name: str) -> str:
+    """The canonical name (``"fake_kyiv"``) of a ``noise_model`` device name, case and surrounding spaces
+    ignored. Only names are read (no device or noise model is built); an unknown name raises a
+    ``ValueError`` listing the valid ones."""
+    available = available_fake_backends()
+    key = name.strip().lower() if isinstance(name, str) else None
+    if key not in available:
+        raise ValueError(
+            f"QPAConfig.noise_model: unknown device {name!r}. Use one of the offline fake IBM devices "
+            f"(peft_qpa.aer.available_fake_backends() lists them): {', '.join(available)}; or pass a "
+            "qiskit_aer.noise.NoiseModel, or None for no noise."
+        )
+    return key
+
+
 @functools.lru_cache(maxsize=8)
 def load_fake_backend(name: str):
     """Instantiate (once per process) the fake device called ``name`` (e.g. ``"fake_kyiv"``)."""
     from qiskit_ibm_runtime import fake_provider
 
-    available = available_fake_backends()
-    key = name.strip().lower()
-    if key not in available:
-        raise ValueError(
-            f"Unknown noise_model device {name!r}. Use one of the offline fake IBM devices: "
-            f"{', '.join(available)}; or pass a qiskit_aer.noise.NoiseModel, or None for no noise."
-        )
-    return getattr(fake_provider, available[key])()
+    return getattr(fake_provider, available_fake_backends()[resolve_fake_backend_name(name)])()
 
 
 def _sub_target(target, physical_qubits: set[int]):
@@ -238,13 +247,37 @@ def resolve_shots(shots: int | None, shots_per_state: float | None, n_qubits: in
         if shots_per_state <= 0:
             raise ValueError(f"shots_per_state must be > 0, got {shots_per_state}.")
         shots = max(1, math.ceil(shots_per_state * 2**n_qubits))
-    _check_shots(shots)
+        _check_shots(shots, "shots_per_state", n_qubits)
+    else:
+        _check_shots(shots)
     return int(shots)
 
 
-def _check_shots(shots) -> None:
+def _check_shots(shots, field: str = "shots", n_qubits: int | None = None) -> None:
+    """``shots`` must be an integer >= 1 whose Aer job fits the memory budget (refused before Aer allocates:
+    about ``AER_BYTES_PER_SHOT`` bytes per shot, e.g. 275 GB for 2**31 shots)."""
     if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
         raise ValueError(f"shots must be an integer >= 1 for method='aer_shots', got {shots!r}.")
+    need = int(shots) * AER_BYTES_PER_SHOT
+    budget, how = memory_budget()
+    if need > budget:
+        at = f" at N = {n_qubits} qubits ({shots} shots)" if n_qubits is not None else ""
+        lower = "Lower shots"
+        if field == "shots_per_state":
+            lower = (
+                "Lower shots_per_state (the paper uses 20), set a total `shots` instead, or raise chunk_size for "
+                "fewer qubits"
+            )
+        raise ValueError(
+            f"{field}{at} needs about {_format_bytes(need)} for one Aer job ({AER_BYTES_PER_SHOT} B per shot, "
+            f"measured), more than the memory budget of {_format_bytes(budget)} ({how}). {lower}: at most "
+            f"{int(budget // AER_BYTES_PER_SHOT)} shots fit."
+        )
+
+
+def _check_seed(seed, name: str = "seed") -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{name} must be an integer in [0, 2**63 - 1], got {seed!r}.")
 
 
 def derive_seed(seed: int, step: int) -> int:
@@ -337,8 +370,7 @@ class AerProbabilities(torch.nn.Module):
             )
         if max_parallel_threads < 0:  # 0 = Aer's own default: all cores
             raise ValueError(f"max_parallel_threads must be >= 0 (0 = all cores), got {max_parallel_threads}.")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}.")
+        _check_seed(seed)
         if circuit.num_clbits:
             raise ValueError("Pass the unmeasured ansatz circuit; AerProbabilities adds the measurements.")
 

@@ -28,6 +28,9 @@ GENERATOR_ATTR = "qpa_generator"
 
 def build_generator(config: QPAConfig, specs, device=None) -> QPAGenerator:
     """The generator an adapter with ``config`` needs to fill ``specs``."""
+    from .backends import check_generator_memory
+
+    check_generator_memory(config, sum(s.numel for s in specs))  # before allocating anything user-sized
     dtype = torch.float64 if config.simulator_dtype == "float64" else torch.float32
     make_backend = None
     if config.backend != "statevector":

@@ -1,4 +1,5 @@
-"""Fetch PEFT's own test suite (from its source distribution) at test time, for ``test_peft_common.py``.
+"""Fetch PEFT's own test suite (from its source distribution) at test time, for ``test_peft_common.py``
+(upstream ``test_custom_models.py``) and ``test_peft_decoder.py`` (upstream ``test_decoder_models.py``).
 
 The wheel ships no tests, so the sdist of the *installed* peft version is downloaded with pip
 (``pip download --no-deps --no-binary :all: peft==<version>``) into a cache directory, and its ``tests/``
@@ -123,8 +124,11 @@ def _stub_missing_optional_imports() -> None:
         sys.modules["datasets"] = stub
 
 
-def load_custom_models_module():
-    """Import and return upstream ``tests/test_custom_models.py`` for the installed peft version.
+def load_upstream_module(name: str, preload: tuple[str, ...] = ()):
+    """Import and return upstream ``tests/<name>.py`` (e.g. ``"test_decoder_models"``) for the installed peft version.
+
+    ``preload``: modules to import *before* the ``diffusers``/``datasets`` stand-ins are installed, because they
+    probe for those packages at import time (``importlib.util.find_spec`` fails on a stand-in without a spec).
 
     Raises :class:`UpstreamUnavailable` if it cannot be fetched or imported."""
     version = peft_version()
@@ -133,15 +137,37 @@ def load_custom_models_module():
         root = extract_tests(sdist, version)
     except (tarfile.TarError, OSError) as exc:
         raise UpstreamUnavailable(f"cannot extract tests from {sdist}: {exc}") from exc
+    if not (root / PACKAGE / f"{name}.py").is_file():
+        raise UpstreamUnavailable(f"{sdist.name} has no tests/{name}.py")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    try:
+        for module in preload:
+            importlib.import_module(module)
+    except ImportError as exc:
+        raise UpstreamUnavailable(f"cannot import {module}, needed by upstream {name}: {exc}") from exc
     _stub_missing_optional_imports()
     try:
-        return importlib.import_module(f"{PACKAGE}.test_custom_models")
+        return importlib.import_module(f"{PACKAGE}.{name}")
     except ImportError as exc:
-        raise UpstreamUnavailable(f"cannot import upstream test_custom_models (peft {version}): {exc}") from exc
+        raise UpstreamUnavailable(f"cannot import upstream {name} (peft {version}): {exc}") from exc
     finally:
         # The stand-ins must not outlive the import: transformers probes `datasets` with find_spec.
-        for name in ("diffusers", "datasets"):
-            if getattr(sys.modules.get(name), "__peft_qpa_stub__", False):
-                del sys.modules[name]
+        for stub in ("diffusers", "datasets"):
+            if getattr(sys.modules.get(stub), "__peft_qpa_stub__", False):
+                del sys.modules[stub]
+
+
+def load_custom_models_module():
+    """Import and return upstream ``tests/test_custom_models.py`` for the installed peft version.
+
+    Raises :class:`UpstreamUnavailable` if it cannot be fetched or imported."""
+    return load_upstream_module("test_custom_models")
+
+
+def load_decoder_models_module():
+    """Import and return upstream ``tests/test_decoder_models.py`` for the installed peft version.
+
+    Raises :class:`UpstreamUnavailable` if it cannot be fetched or imported."""
+    # It imports `transformers.Trainer`, whose module checks `is_datasets_available()` on import.
+    return load_upstream_module("test_decoder_models", preload=("transformers.trainer",))

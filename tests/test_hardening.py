@@ -355,3 +355,10 @@ def test_no_future_warning_from_the_checkpointing_check(input_ids, use_reentrant
         warnings.simplefilter("error", FutureWarning)
         model(input_ids, labels=input_ids).loss.backward()
     assert model.base_model._uses_reentrant_checkpointing() is use_reentrant
+
+
+def test_get_peft_model_checks_the_generators_memory_before_building_it(monkeypatch):
+    config = small_config("llama")  # checked at construction with N = 1: fits
+    monkeypatch.setenv("PEFT_QPA_MEMORY_BUDGET_GB", "1e-7")  # 100 bytes: the real M does not
+    with pytest.raises(ValueError, match="memory"):
+        get_peft_model(MODEL_FACTORIES["llama"](), config)
