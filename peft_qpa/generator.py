@@ -268,8 +268,10 @@ class QPAGenerator(nn.Module):
         traverse (and free) the generator's graph. Then the layers read a detached leaf instead; its
         gradient is pushed through the generator (graph retained) at the end of each nested backward.
         """
-        self._live = None
         if not self._needs_grad():
+            # Layers read the snapshot. Live tensors of an earlier forward are kept: its backward may still
+            # recompute checkpointed layers with them (e.g. TRL's DPO runs a no-grad reference forward, adapter
+            # disabled, between the policy's forward and backward).
             return
         self._make_live(advance=training, reentrant_checkpointing=reentrant_checkpointing)
 
@@ -308,15 +310,14 @@ class QPAGenerator(nn.Module):
         Live tensors of an earlier forward are reused only while the generator is unchanged and no backward
         has consumed their graph; otherwise (a layer or submodule called on its own, outside a whole-model
         forward) they are generated anew, once for all layers of that call."""
+        if not self._needs_grad():
+            self.refresh_snapshot()
+            return None
         live = getattr(self, "_live", None)
         if live is not None and not self._live_consumed and self._live_versions == self._versions():
             return live
-        self._live = None
-        if self._needs_grad():
-            self._make_live(advance=training)
-            return self._live
-        self.refresh_snapshot()
-        return None
+        self._make_live(advance=training)
+        return self._live
 
     @torch.no_grad()
     def refresh_snapshot(self, force: bool = False) -> None:

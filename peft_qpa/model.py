@@ -212,9 +212,7 @@ class QPAModel(BaseTuner):
             return
         disabled, merged = self._layer_states()
         if disabled:
-            for name in active:
-                generators[name].end_forward()
-            return
+            return  # the layers read nothing (e.g. a reference-model forward with the adapter disabled)
         training = self.model.training
         reentrant = False
         if training and torch.is_grad_enabled():
@@ -222,11 +220,9 @@ class QPAModel(BaseTuner):
             if reentrant:
                 _refuse_distributed_reentrant_checkpointing()
         for adapter_name in active:
-            if adapter_name in merged:
-                # A merged adapter is already in the base weights: its layers read nothing, and drawing new
-                # shots or advancing the step here would make unmerge subtract something else.
-                generators[adapter_name].end_forward()
-            else:
+            # A merged adapter is already in the base weights: its layers read nothing, and drawing new shots or
+            # advancing the step here would make unmerge subtract something else.
+            if adapter_name not in merged:
                 generators[adapter_name].begin_forward(training=training, reentrant_checkpointing=reentrant)
 
     def _layer_states(self) -> tuple[bool, set]:

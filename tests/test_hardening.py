@@ -362,3 +362,26 @@ def test_get_peft_model_checks_the_generators_memory_before_building_it(monkeypa
     monkeypatch.setenv("PEFT_QPA_MEMORY_BUDGET_GB", "1e-7")  # 100 bytes: the real M does not
     with pytest.raises(ValueError, match="memory"):
         get_peft_model(MODEL_FACTORIES["llama"](), config)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_no_grad_forwards_between_forward_and_backward(input_ids, use_reentrant):
+    """TRL's DPO: the policy's forward, then no-grad reference forwards (adapter disabled, or not), then the
+    policy's backward, which recomputes checkpointed layers: the generator's gradients are unchanged."""
+    def grads(interleave):
+        model = adapted("llama", init_weights=False)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids, labels=input_ids).loss
+            if interleave:
+                with torch.no_grad():
+                    with model.disable_adapter():
+                        model(input_ids)
+                    model(input_ids)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, interleaved = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(interleaved[name], plain[name], rtol=0, atol=0)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
@@ -42,3 +44,45 @@ def test_trainer_trains_and_checkpoints(tmp_path):
     reloaded = PeftModel.from_pretrained(MODEL_FACTORIES["llama"](), checkpoint)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(batch).logits, expected, rtol=0, atol=0)
+
+
+def _trainer(model, out, max_steps, **kwargs):
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
+        logging_steps=1, save_steps=3, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        lr_scheduler_type="constant", **kwargs,
+    )
+    return Trainer(model=model, args=args, train_dataset=RepeatedBatch())
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("backend", [{}, {"backend": "aer_shots", "shots": 256}])
+def test_trainer_bf16_checkpointing_and_resume(tmp_path, backend):
+    """bf16 autocast + gradient checkpointing: step 1 is the base model's loss (zero delta under autocast), and a
+    run resumed from a checkpoint continues exactly as the uninterrupted run (shots included: the step is saved)."""
+    options = dict(bf16=True, gradient_checkpointing=True)
+    batch = RepeatedBatch()[0]
+    base = MODEL_FACTORIES["llama"]()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        base_loss = base(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss.item()
+
+    full = _trainer(get_peft_model(MODEL_FACTORIES["llama"](), small_config("llama", **backend)), tmp_path / "full", 6, **options)
+    full.train()
+    full_losses = _losses(full)
+    assert full_losses[-1] < full_losses[0]
+
+    first = _trainer(get_peft_model(MODEL_FACTORIES["llama"](), small_config("llama", **backend)), tmp_path / "part", 3, **options)
+    first.train()
+    resumed = _trainer(get_peft_model(MODEL_FACTORIES["llama"](), small_config("llama", **backend)), tmp_path / "part", 6, **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-3"))
+    assert _losses(resumed) == pytest.approx(full_losses, rel=1e-3)  # its history starts with the first 3 steps
+
+    # step 1's loss is the base model's (the batch of step 1 is the first item repeated 4 times)
+    model = get_peft_model(MODEL_FACTORIES["llama"](), small_config("llama", **backend))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss.item()
+    assert out == base_loss
