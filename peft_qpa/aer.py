@@ -402,6 +402,13 @@ class AerProbabilities(torch.nn.Module):
         body = circuit.copy()
         if noisy:
             noise, target = self._resolve_noise(noise_model)
+            device = target.get("backend")
+            if device is not None and device.num_qubits < self.n_qubits:
+                raise ValueError(
+                    f"noise_model={noise_model!r} is a {device.num_qubits}-qubit device, but this generator's circuit "
+                    f"has N={self.n_qubits} qubits. Choose a larger device (peft_qpa.aer.available_fake_backends() "
+                    "lists them; e.g. 'fake_kyiv' has 127), or raise chunk_size so that fewer qubits are needed."
+                )
             # Transpile the unmeasured circuit once, so both methods use the same layout and routing.
             body = transpile(body, seed_transpiler=seed, optimization_level=2, **target)
             layout = body.layout.final_index_layout() if body.layout is not None else list(range(self.n_qubits))

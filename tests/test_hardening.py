@@ -385,3 +385,8 @@ def test_no_grad_forwards_between_forward_and_backward(input_ids, use_reentrant)
     plain, interleaved = grads(False), grads(True)
     for name in plain:
         torch.testing.assert_close(interleaved[name], plain[name], rtol=0, atol=0)
+
+
+def test_a_device_smaller_than_the_circuit_is_refused_clearly():
+    with pytest.raises(ValueError, match=r"'fake_manila' is a 5-qubit device.*N=\d+ qubits.*chunk_size"):
+        adapted("gpt2", backend="aer_statevector", noise_model="fake_manila")
