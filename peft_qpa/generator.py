@@ -387,14 +387,16 @@ class QPAGenerator(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):
-        # A dtype change (model.to(torch.bfloat16), .half(), ...) re-anchors the offset in the new dtype, so
+        # A dtype change (model.to(torch.bfloat16), .half(), ...) or a device change (the raw output differs in
+        # the last bits between CPU and GPU kernels) re-anchors the offset where the generator now computes, so
         # the generated tensors keep their values up to rounding and a zero tensor (LoRA's B at init) stays
-        # exactly zero, as it does for a LoRA adapter cast the same way.
+        # exactly zero, as it does for a LoRA adapter moved or cast the same way.
         angles = self._parameters.get("angles")
         if angles is None or angles.is_meta or "offset" not in self._buffers:
             return super()._apply(fn, recurse)
         probe = fn(torch.zeros((), dtype=angles.dtype, device=angles.device))
-        if probe.dtype == angles.dtype or not probe.dtype.is_floating_point:
+        same_place = probe.dtype == angles.dtype and probe.device == angles.device
+        if same_place or probe.is_meta or not probe.dtype.is_floating_point:
             return super()._apply(fn, recurse)
         with torch.no_grad():
             current = self.generate()
