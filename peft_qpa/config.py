@@ -183,12 +183,12 @@ def check_memory(config: "QPAConfig", num_generated: Optional[int] = None, shots
     name, (what, largest) = max(terms.items(), key=lambda kv: kv[1][1])
     lower = {
         "chunk_size": "Lower chunk_size (the circuit then gets more qubits instead; the default is 64)",
-        "mapping_hidden_sizes": "Use smaller mapping_hidden_sizes (published: [32, 64, 128, 128, 64, 32])",
+        "mapping_hidden_sizes": "Use smaller mapping_hidden_sizes (the QPA paper's: [32, 64, 128, 128, 64, 32])",
         "r": "Lower r, or adapt fewer modules (target_modules, exclude_modules, layers_to_transform)",
         "gi_hidden_sizes": "Use smaller gi_hidden_sizes (default [16, 16])",
         "shots": f"Lower shots (at most about {int(budget // AER_BYTES_PER_SHOT)} fit)",
         "shots_per_state": (
-            "Lower shots_per_state (the paper uses 20), set a total `shots` instead, or raise chunk_size for fewer "
+            "Lower shots_per_state (the QPA paper, arXiv:2410.09846, uses 20), set a total `shots` instead, or raise chunk_size for fewer "
             "qubits"
         ),
     }[name]
@@ -264,7 +264,7 @@ class QPAConfig(PeftConfig):
     mapping_hidden_sizes: list[int] = field(
         default_factory=lambda: [32, 64, 128, 128, 64, 32],
         metadata={
-            "help": "Hidden widths of the mapping MLP (published: [32, 64, 128, 128, 64, 32]); [] maps linearly."
+            "help": "Hidden widths of the mapping MLP (the QPA paper's: [32, 64, 128, 128, 64, 32]); [] maps linearly."
         },
     )
     mapping_activation: str = field(
@@ -327,7 +327,7 @@ class QPAConfig(PeftConfig):
         },
     )
     shots_per_state: Optional[int] = field(
-        default=None, metadata={"help": "Shots per basis state c for 'aer_shots': c * 2^N shots (the paper uses 20)."}
+        default=None, metadata={"help": "Shots per basis state c for 'aer_shots': c * 2^N shots (the QPA paper, arXiv:2410.09846, uses 20)."}
     )
     shot_gradient: str = field(
         default="exact",

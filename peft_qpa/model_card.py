@@ -44,8 +44,10 @@ def _section(facts: dict, base_model: str | None) -> str:
 ## Quantum Parameter Adaptation (QPA)
 
 This adapter is a LoRA adapter (r = {facts['r']}, targets: {facts['target_modules']}) whose matrices were
-generated during training by a parameterized quantum circuit and a mapping MLP
-([peft-qpa](https://pypi.org/project/peft-qpa/)).
+generated during training by a parameterized quantum circuit and a mapping MLP, with the `peft-qpa` package
+(an implementation of Quantum Parameter Adaptation: Liu et al., "A Quantum Circuit-Based Compression
+Perspective for Parameter-Efficient Learning", ICLR 2025, [arXiv:2410.09846](https://arxiv.org/abs/2410.09846)).
+`peft-qpa` is not published on PyPI: install it from its source tree with `pip install .`.
 
 | | |
 | --- | --- |

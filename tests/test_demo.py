@@ -128,3 +128,140 @@ def test_shakespeare_split_by_play(tmp_path):
     # deterministic, and the seed changes it
     assert assets.split_plays(tmp_path, 2, seed=0).eval_works == assets.split_plays(tmp_path, 2, seed=0).eval_works
     assert assets.play_key("comedy_of_errours_gut_f.txt") == ("comedy_of_errors", "folio")
+
+
+# --------------------------------------------------------------------------------------------------------
+# GGUF checkpoints (the default model is one) load as plain float models that the Trainer accepts
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from tiny_gguf import make_tiny_gguf
+
+    return make_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_gguf_model_is_loaded_as_a_plain_float_model(tiny_gguf):
+    import torch
+    from peft import get_peft_model
+    from transformers import LlamaForCausalLM
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    import peft_qpa
+
+    loaded = assets.load_model_and_tokenizer(str(tiny_gguf), progress=False)
+    model = loaded.model
+    assert loaded.gguf_file == "tiny.gguf" and loaded.dtype == "float32"
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # the same network as the float checkpoint it was written from, up to Q8_0 rounding
+    reference = LlamaForCausalLM.from_pretrained(tiny_gguf.parent / "tiny_hf")
+    ids = torch.tensor([loaded.tokenizer("To be, or not to be").input_ids])
+    with torch.no_grad():
+        assert (model(ids).logits - reference(ids).logits).abs().max() < 0.05
+    # what the HF Trainer checks before training (it refused the GGUF model: "do not support training")
+    pm = get_peft_model(model, peft_qpa.QPAConfig(r=2, target_modules=["q_proj"], chunk_size=16, qnn_depth=1))
+    validate_quantization_for_training(pm)
+
+
+def test_as_float_model_drops_the_gguf_quantizer(tiny_gguf):
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    # loaded the plain way, transformers de-quantizes the weights but leaves its GGUF quantizer attached
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name)
+    assert model.hf_quantizer is not None
+    with pytest.raises(ValueError, match="quantized"):
+        validate_quantization_for_training(model)
+    model = assets.as_float_model(model)
+    assert getattr(model, "hf_quantizer", None) is None and not model.is_quantized
+    validate_quantization_for_training(model)
+    assert assets.as_float_model(model) is model  # idempotent
+
+
+# --------------------------------------------------------------------------------------------------------
+# command-line validation and warnings
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [
+        ("--max-steps", "0", "an integer >= 1"),
+        ("--batch-size", "0", "an integer >= 1"),
+        ("--block-size", "1", "an integer >= 2"),
+        ("--eval-block-size", "1", "an integer >= 2"),
+        ("--eval-tokens", "0", "an integer >= 1"),
+        ("--eval-batch-size", "0", "an integer >= 1"),
+        ("--eval-plays", "0", "an integer >= 1"),
+        ("--lr", "0", "a number > 0"),
+        ("--lr", "nan", "a number > 0"),
+        ("--warmup-steps", "-1", "an integer >= 0"),
+        ("--weight-decay", "-0.1", "a number >= 0"),
+        ("--r", "0", "an integer >= 1"),
+        ("--lora-alpha", "0", "a number > 0"),
+        ("--qnn-depth", "0", "an integer >= 1"),
+        ("--chunk-size", "0", "an integer >= 1"),
+        ("--shots-per-state", "0", "an integer >= 1"),
+        ("--seed", "-1", "an integer in [0, 2**63 - 1]"),
+        ("--threads", "0", "an integer >= 1"),
+        ("--mapping-hidden-sizes", "32,0", "comma-separated integers >= 1"),
+        ("--max-steps", "two", "an integer >= 1"),
+    ],
+)
+def test_demo_numeric_flags_are_validated(flag, value, allowed, tmp_path, capsys):
+    from peft_qpa import demo
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main([flag, value, "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    assert exit_info.value.code == 2  # an argparse error, before anything is loaded
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be {allowed}" in err, err[-500:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_shots_flags_go_together(tmp_path, capsys):
+    from peft_qpa import demo
+
+    for argv, flag in ((["--backend", "aer_shots"], "--backend"), (["--shots-per-state", "20"], "--shots-per-state")):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main([*argv, "--output-dir", str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def _tied_tiny_model(model_dir, path):
+    """The tiny Llama of tiny_lm.py with tied input/output embeddings (as SmolLM2), saved to ``path``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.save_pretrained(path)
+    config = LlamaConfig.from_pretrained(model_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_demo_explains_tied_embeddings_once(tiny, tmp_path, capsys):
+    """lm_head tied to the input embedding (SmolLM2): PEFT's warning came twice (adapter, then the export check's
+    reload); the demo now prints one note of its own and lets no copy of PEFT's warning through."""
+    import warnings
+
+    from peft_qpa import demo
+
+    model_dir, train, held = tiny
+    tied = _tied_tiny_model(model_dir, tmp_path / "tied")
+    argv = [
+        "--model", str(tied), "--train-file", str(train), "--eval-file", str(held), "--max-steps", "1", "--batch-size", "2",
+        "--block-size", "16", "--eval-block-size", "32", "--eval-tokens", "64", "--chunk-size", "64", "--qnn-depth", "1",
+        "--output-dir", str(tmp_path / "out"), "--no-progress",
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = demo.run(argv)
+    assert summary["outputs"]["max_abs_logit_diff_vs_qpa"] < 1e-4  # the export check (second source) ran
+    tied_warnings = [w for w in caught if demo.TIED_EMBEDDING_WARNING in str(w.message)]
+    assert not tied_warnings, [str(w.message) for w in tied_warnings]
+    assert capsys.readouterr().err.count(demo.TIED_EMBEDDING_NOTE) == 1
+    # PEFT's own `is_gradient_checkpointing` FutureWarning (not ours, not actionable) does not reach the console
+    assert not [w for w in caught if demo.PEFT_CHECKPOINTING_DEPRECATION in str(w.message)]

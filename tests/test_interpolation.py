@@ -86,7 +86,7 @@ def test_seeded_and_saves_loads():
     buffer = io.BytesIO()
     torch.save(c.state_dict(), buffer)
     buffer.seek(0)
-    a.load_state_dict(torch.load(buffer))
+    a.load_state_dict(torch.load(buffer, weights_only=True))
     probs, counts = sample(seed=4)
     torch.testing.assert_close(a(probs.float(), counts), c(probs.float(), counts))
 

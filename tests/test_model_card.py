@@ -32,6 +32,10 @@ def test_save_pretrained_writes_a_qpa_model_card(tmp_path):
     assert f"| plain LoRA with the same r and targets | {generator.num_generated:,} |" in text
     assert "| backend | statevector (exact probabilities) |" in text
     assert "import peft_qpa" in text and "export_lora" in text
+    # names the method's paper; links only to what exists (peft-qpa has no PyPI project)
+    assert "arXiv:2410.09846" in text and "https://arxiv.org/abs/2410.09846" in text
+    assert "pypi.org" not in text
+    assert "pip install ." in text
 
 
 class FakeRepo:

@@ -129,3 +129,57 @@ def test_cached_trunk_matches_full_model(bench, tiny):
         pm.eval()
         with torch.no_grad():
             pm(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+# --------------------------------------------------------------------------------------------------------
+# caches: per user, and loaded without unpickling code
+# --------------------------------------------------------------------------------------------------------
+def _python_files():
+    for folder in ("peft_qpa", "benchmarks", "examples"):
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_every_torch_load_is_weights_only():
+    """A cache file is data: ``torch.load`` must never unpickle arbitrary objects from it (torch < 2.6 did by
+    default). Every call in the package, the benchmarks and the examples passes ``weights_only=True``."""
+    import ast
+
+    unsafe = []
+    for path in _python_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                kw = {k.arg: k.value for k in node.keywords}
+                if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                    unsafe.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
+
+
+def test_no_fixed_paths_in_tmp():
+    """Caches go to the per-user asset cache ($PEFT_QPA_CACHE or ~/.cache/peft_qpa), not a fixed /tmp path that
+    another user can pre-create (or read)."""
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in _python_files() for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if "/tmp" in line]
+    assert not offenders, offenders
+
+
+def test_hidden_state_cache_round_trip_is_weights_only(bench, tiny, tmp_path, monkeypatch):
+    """cached_hidden_states reads its file back through torch.load(..., weights_only=True)."""
+    root, model_dir, train, held = tiny
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rows = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    first, info = bench.cached_hidden_states(model, "tiny", rows, tmp_path / "hidden", progress=False)
+    assert not info["from_disk"] and Path(info["path"]).parent == tmp_path / "hidden"
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    again, info = bench.cached_hidden_states(model, "tiny", rows, tmp_path / "hidden", progress=False)
+    assert info["from_disk"] and calls == [True]
+    assert all(torch.equal(a, b) for a, b in zip(first.states, again.states))

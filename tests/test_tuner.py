@@ -247,7 +247,7 @@ sys.modules["peft_qpa"] = None  # make any import of peft_qpa fail: plain peft o
 import torch
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
-io = torch.load({str(tmp_path / "io.pt")!r})
+io = torch.load({str(tmp_path / "io.pt")!r}, weights_only=True)
 base = AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r}).eval()
 model = PeftModel.from_pretrained(base, {str(tmp_path / "lora")!r})
 assert type(model.base_model).__name__ == "LoraModel"
