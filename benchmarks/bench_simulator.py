@@ -48,6 +48,18 @@ Example (the command used for docs/performance.md):
 Threads: ``--threads`` (default 1) sets ``torch.set_num_threads`` and Aer's ``max_parallel_threads``.
 On a shared 2-core machine 2 OpenMP threads next to another busy process made small matmuls 100x
 slower (spin contention), so 1 is the default; the JSON records threads, load average and CPU model.
+
+CPU contention (``"contention"`` in the JSON; ``--contention-qubits``, default 16 18 20, float32, the
+default simulator): forward+backward with torch's default thread count (``--contention-torch-threads``)
+for the kernel's thread policies ``auto`` (the default, ``peft_qpa.fused_kernel.threads``), ``pool``
+(every pass on torch's whole thread pool, the kernel's behaviour before the policy) and ``1``, each
+``quiet`` and ``contended``: next to ``--contention-procs`` (default 2) busy-loop processes. Quiet and
+contended phases alternate for ``--contention-rounds``; every phase times every policy
+(``--contention-repeats`` calls after a warm-up; each round in another order; medians and means over
+the rounds). ``--only contention`` runs just this and merges it into the
+existing ``<out>/<name>.json`` (its other rows are kept):
+
+    python benchmarks/bench_simulator.py --only contention
 """
 
 from __future__ import annotations
@@ -77,6 +89,7 @@ from peft_qpa.simulator import StatevectorSimulator, _PermutationStage, _Rotatio
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MMAP_THRESHOLD = 65536  # MALLOC_MMAP_THRESHOLD_ of the memory subprocess
+DEFAULT_TORCH_THREADS = torch.get_num_threads()  # torch's own default, before --threads changes it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,6 +345,164 @@ def one_memory_probe(n: int, dtype_name: str, variant: str, args) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# CPU contention
+# --------------------------------------------------------------------------------------------------
+
+BUSY_LOOP = "while True:\n    pass\n"
+
+
+def start_busy(count: int) -> list[subprocess.Popen]:
+    """``count`` processes that each keep one CPU busy until stopped (:func:`stop_busy`)."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(count)]
+    time.sleep(1.0)  # running, not starting up
+    return procs
+
+
+def stop_busy(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait()
+    if procs:
+        time.sleep(fused_kernel.IDLE_CPUS_MAX_AGE)  # no count of idle CPUs from before outlives them
+
+
+def policy_threads(policy: str, torch_threads: int) -> str | None:
+    """The PEFT_QPA_KERNEL_THREADS value of a policy (None: unset, the default ``auto``)."""
+    return {"auto": None, "pool": str(torch_threads), "1": "1"}[policy]
+
+
+def time_policy(fwd_bwd, n: int, policy: str, torch_threads: int, repeats: int) -> dict:
+    """Wall and CPU times (this process, all its threads) of fwd+bwd under one policy, and the kernel
+    thread counts it chose in the timed calls."""
+    previous = os.environ.pop(fused_kernel.THREADS_ENV_VAR, None)
+    value = policy_threads(policy, torch_threads)
+    if value is not None:
+        os.environ[fused_kernel.THREADS_ENV_VAR] = value
+    try:
+        fwd_bwd()  # warm-up
+        times, cpu, chosen = [], [], []
+        for _ in range(repeats):
+            chosen.append(fused_kernel.threads(n))
+            c, t = time.process_time(), time.perf_counter()
+            fwd_bwd()
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+    finally:
+        os.environ.pop(fused_kernel.THREADS_ENV_VAR, None)
+        if previous is not None:
+            os.environ[fused_kernel.THREADS_ENV_VAR] = previous
+    return {"times": times, "cpu": cpu, "kernel_threads": chosen}
+
+
+CONTENTION_POLICIES = ("auto", "pool", "1")
+
+
+def simulator_only_case(n: int, args):
+    """fwd+bwd of the default simulator alone, float32: ``sim(a).backward(w)`` (the gradient of
+    (p · w).sum() without the loss's own torch ops, which run on torch's thread pool whatever the
+    simulator does)."""
+    sim, angles, _ = simulation_case(n, "float32", "fused", args)
+    w = torch.randn(2**n, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+
+    def fwd_bwd():
+        sim(angles.clone().requires_grad_(True)).backward(w)
+
+    return fwd_bwd
+
+
+def contention(args) -> dict:
+    """Quiet vs contended fwd+bwd for each thread policy (see the module docstring)."""
+    if fused_kernel.load() is None:
+        return {"status": "not run", "reason": f"fused kernel unavailable ({fused_kernel.error() or 'turned off'})"}
+    t_start = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.contention_torch_threads)
+    samples = {}  # (n, policy, phase) -> {"times": [...], "cpu": [...], "kernel_threads": [...]}
+    phases = []
+    try:
+        cases = {n: simulator_only_case(n, args) for n in args.contention_qubits}
+        for round_ in range(args.contention_rounds):
+            for phase in ("quiet", "contended"):
+                procs = start_busy(args.contention_procs) if phase == "contended" else []
+                try:
+                    phases.append({"round": round_, "phase": phase, "loadavg": list(os.getloadavg()),
+                                   "runnable_elsewhere": fused_kernel._runnable_elsewhere(),
+                                   "idle_cpus": fused_kernel.idle_cpus(max_age=0)})
+                    # every round another order (what runs right after the busy processes start fares
+                    # differently): policies rotated, qubits reversed every other round
+                    order = list(cases.items())[::-1] if round_ % 2 else list(cases.items())
+                    shift = round_ % len(CONTENTION_POLICIES)
+                    policies = CONTENTION_POLICIES[shift:] + CONTENTION_POLICIES[:shift]
+                    for n, fwd_bwd in order:
+                        for policy in policies:
+                            got = time_policy(fwd_bwd, n, policy, args.contention_torch_threads,
+                                              args.contention_repeats)
+                            slot = samples.setdefault((n, policy, phase), {})
+                            for key, values in got.items():
+                                slot[key] = slot.get(key, []) + values
+                finally:
+                    stop_busy(procs)
+    finally:
+        torch.set_num_threads(threads_before)
+    rows = []
+    for n in args.contention_qubits:
+        quiet_best = min(statistics.median(samples[(n, p, "quiet")]["times"]) for p in CONTENTION_POLICIES)
+        for policy in CONTENTION_POLICIES:
+            row = {"n_qubits": n, "dtype": "float32", "depth": args.depth, "policy": policy,
+                   "env": policy_threads(policy, args.contention_torch_threads)}
+            for phase in ("quiet", "contended"):
+                got = samples[(n, policy, phase)]
+                row[f"{phase}_s_median"] = statistics.median(got["times"])
+                row[f"{phase}_s_mean"] = statistics.fmean(got["times"])
+                row[f"{phase}_s_all"] = got["times"]
+                row[f"{phase}_cpu_s_median"] = statistics.median(got["cpu"])
+                row[f"{phase}_kernel_threads"] = {str(k): got["kernel_threads"].count(k)
+                                                  for k in sorted(set(got["kernel_threads"]))}
+            row["contended_over_quiet"] = row["contended_s_median"] / row["quiet_s_median"]
+            # the mean counts every preemption (a call of a few ms either loses a whole time slice of the
+            # CPU or none: the median of such calls flips between the two): what a training loop sees
+            row["contended_over_quiet_mean"] = row["contended_s_mean"] / row["quiet_s_mean"]
+            row["contended_over_best_quiet"] = row["contended_s_median"] / quiet_best
+            rows.append(row)
+            print(f"contention N={n:2d} {policy:5s} quiet {row['quiet_s_median'] * 1e3:8.2f} ms  contended "
+                  f"{row['contended_s_median'] * 1e3:8.2f} ms  x{row['contended_over_quiet']:.2f} "
+                  f"(means x{row['contended_over_quiet_mean']:.2f})  CPU time "
+                  f"{row['quiet_cpu_s_median'] * 1e3:.1f} / {row['contended_cpu_s_median'] * 1e3:.1f} ms  "
+                  f"threads quiet {row['quiet_kernel_threads']} contended {row['contended_kernel_threads']}",
+                  flush=True)
+    return {
+        "status": "run", "rows": rows, "phases": phases,
+        "torch_threads": args.contention_torch_threads, "busy_processes": args.contention_procs,
+        "repeats_per_phase": args.contention_repeats, "rounds": args.contention_rounds,
+        "parallel_min_qubits": fused_kernel.PARALLEL_MIN_QUBITS,
+        "policies": {"auto": "peft_qpa.fused_kernel.threads (the default)",
+                     "pool": "every pass on torch's whole thread pool (the kernel before the policy)",
+                     "1": "one thread"},
+        "timed": "StatevectorSimulator(build_ansatz(N, L))(a).backward(w), float32, "
+                 "torch.set_num_threads(torch_threads); contended: next to busy_processes busy-loop processes; "
+                 "wall time (perf_counter) and this process's CPU time (process_time, all its threads)",
+        "cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "total_s": time.perf_counter() - t_start,
+    }
+
+
+def merge_contention(args) -> dict:
+    """``--only contention``: run the scenario and merge it into ``<out>/<name>.json`` (other rows kept)."""
+    path = Path(args.out) / f"{args.name}.json"
+    payload = json.loads(path.read_text()) if path.exists() else {"meta": {}, "results": [], "speedups_vs_aer": []}
+    result = contention(args)
+    result["command"] = "python benchmarks/bench_simulator.py " + " ".join(args.argv)
+    payload["contention"] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+    print(f"merged the contention scenario into {path}")
+    return payload
+
+
+# --------------------------------------------------------------------------------------------------
 # Plot
 # --------------------------------------------------------------------------------------------------
 
@@ -413,8 +584,18 @@ def main(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--name", default="bench_simulator")
     parser.add_argument("--plot-only", metavar="JSON")
+    parser.add_argument("--only", choices=["contention"],
+                        help="run only this scenario and merge it into <out>/<name>.json (other rows kept)")
+    parser.add_argument("--no-contention", action="store_true", help="skip the contention scenario")
+    parser.add_argument("--contention-qubits", type=int, nargs="+", default=[16, 18, 20])
+    parser.add_argument("--contention-procs", type=int, default=2, help="busy-loop processes while contended")
+    parser.add_argument("--contention-repeats", type=int, default=11)
+    parser.add_argument("--contention-rounds", type=int, default=3, help="quiet/contended alternations")
+    parser.add_argument("--contention-torch-threads", type=int, default=DEFAULT_TORCH_THREADS,
+                        help="torch.set_num_threads during the scenario (default: torch's own default)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
 
     if args.memory_probe:
@@ -422,6 +603,8 @@ def main(argv=None):
         return None
     if args.plot_only:
         return redraw(args.plot_only, plot)
+    if args.only == "contention":
+        return merge_contention(args)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -493,6 +676,8 @@ def main(argv=None):
                 speedups.append({"n_qubits": aer["n_qubits"], "dtype": r["dtype"], "variant": r["variant"],
                                  "speedup_vs_aer": aer["fwd_bwd_s_median"] / r["fwd_bwd_s_median"]})
 
+    contention_result = None if args.no_contention else contention(args)
+
     import qiskit
     import qiskit_aer
 
@@ -501,7 +686,7 @@ def main(argv=None):
         "meta": {
             "command": "python benchmarks/bench_simulator.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine, "qiskit": qiskit.__version__, "qiskit_aer": qiskit_aer.__version__,
-            "args": {k: v for k, v in vars(args).items() if k not in ("plot_only", "memory_probe")},
+            "args": {k: v for k, v in vars(args).items() if k not in ("plot_only", "memory_probe", "argv")},
             "copy_bandwidth_bytes_per_s": bw,
             "matmul_flops_per_s": flop_rates,
             "fused_kernel": {"available": fused_kernel.load() is not None, "error": fused_kernel.error(),
@@ -521,6 +706,9 @@ def main(argv=None):
         "results": results,
         "speedups_vs_aer": speedups,
     }
+    if contention_result is not None:
+        contention_result["command"] = payload["meta"]["command"]
+        payload["contention"] = contention_result
     return write_results(payload, out, args.name, plot)
 
 

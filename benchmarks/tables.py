@@ -82,6 +82,49 @@ def simulator_tables(payload: dict) -> str:
     return "\n".join(out)
 
 
+def contention_table(payload: dict) -> str:
+    """The ``contention`` scenario of bench_simulator.json: quiet vs contended per thread policy."""
+    result = payload.get("contention")
+    if not result:
+        return ""
+    if result.get("status") != "run":
+        return f"Contention scenario not run: {result.get('reason', 'unknown')}."
+
+    def threads(counts: dict) -> str:
+        return " / ".join(f"{k}×{v}" if len(counts) > 1 else k for k, v in counts.items())
+
+    phases = result.get("phases", [])
+    loads, idle, others = {}, {}, {}
+    for phase in ("quiet", "contended"):
+        loads[phase] = [f"{p['loadavg'][0]:.1f}" for p in phases if p["phase"] == phase]
+        idle[phase] = sorted({p["idle_cpus"] for p in phases if p["phase"] == phase})
+        others[phase] = [p.get("runnable_elsewhere") for p in phases if p["phase"] == phase]
+    out = [f"`{result['command']}`: torch threads {result['torch_threads']}, {result['busy_processes']} busy-loop "
+           f"processes while contended, {result['rounds']} rounds of quiet then contended, "
+           f"{result['repeats_per_phase']} calls per policy, phase and round (medians and means over the rounds' "
+           f"{result['repeats_per_phase'] * result['rounds']}); {result['cpu_count']} CPUs "
+           f"({result['cpu_model']}). One-minute load average (this run's own processes included) at the start "
+           f"of the quiet phases {', '.join(loads['quiet'])}, of the contended ones {', '.join(loads['contended'])}; "
+           f"runnable threads of "
+           f"other processes at their start: quiet {others['quiet']}, contended {others['contended']}; idle CPUs "
+           f"seen by the policy: quiet {idle['quiet']}, contended {idle['contended']}.", "",
+           "| N | policy | kernel threads quiet / contended | quiet: median / mean | contended: median / mean | "
+           "contended / quiet: medians / **means** | contended / best quiet (medians) | CPU time quiet / contended |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        cpu = (f"{ms(r['quiet_cpu_s_median'])} / {ms(r['contended_cpu_s_median'])}"
+               if "quiet_cpu_s_median" in r else "—")
+        mean = r.get("contended_over_quiet_mean")
+        quiet_mean = ms(r["quiet_s_mean"]) if "quiet_s_mean" in r else "—"
+        contended_mean = ms(r["contended_s_mean"]) if "contended_s_mean" in r else "—"
+        out.append(f"| {r['n_qubits']} | {r['policy']} | {threads(r['quiet_kernel_threads'])} / "
+                   f"{threads(r['contended_kernel_threads'])} | "
+                   f"{ms(r['quiet_s_median'])} / {quiet_mean} | {ms(r['contended_s_median'])} / {contended_mean} | "
+                   f"{r['contended_over_quiet']:.2f}x / **{f'{mean:.2f}x' if mean else '—'}** | "
+                   f"{r['contended_over_best_quiet']:.2f}x | {cpu} |")
+    return "\n".join(out)
+
+
 def step_tables(payload: dict) -> str:
     variants = payload["variants"]
     lora = variants["lora"]
@@ -113,7 +156,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     text = []
     if Path(args.simulator).exists():
-        text += ["## bench_simulator", "", simulator_tables(json.loads(Path(args.simulator).read_text())), ""]
+        simulator = json.loads(Path(args.simulator).read_text())
+        if simulator.get("results"):
+            text += ["## bench_simulator", "", simulator_tables(simulator), ""]
+        if simulator.get("contention"):
+            text += ["## bench_simulator: CPU contention", "", contention_table(simulator), ""]
     if Path(args.step).exists():
         text += ["## bench_step", "", step_tables(json.loads(Path(args.step).read_text())), ""]
     print("\n".join(text))

@@ -11,14 +11,28 @@ contracted on the way. Timings against the torch path and the memory-bandwidth b
 
 It is built with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja; the ``ninja``
 package is a dependency) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default under
-``~/.cache/torch_extensions``): about 30 s once per machine, then loaded in well under a second. Where
-it cannot be built the simulator logs one warning and uses the torch path. ``PEFT_QPA_FUSED_KERNEL=0``
-turns it off (the torch path everywhere); ``=1`` makes a failed build an error.
+``~/.cache/torch_extensions``): about 30 s once per machine, then loaded in well under a second. The
+build directory (and the module's name) is keyed by the CPU, the Python and torch versions and a hash
+of the source and the compile flags, and the source is compiled from a copy inside it: checkouts and
+installed copies of the same source share one build, different sources never overwrite each other's.
+Where it cannot be built the simulator logs one warning and uses the torch path.
+``PEFT_QPA_FUSED_KERNEL=0`` turns it off (the torch path everywhere); ``=1`` makes a failed build an
+error.
+
+Threads: every pass over the state ends in a barrier of its threads, so one thread descheduled by
+another busy process (a DataLoader worker, another job) stalls every pass. :func:`threads` therefore
+uses one thread for states below ``2^PARALLEL_MIN_QUBITS`` amplitudes, and above that as many threads
+as there are idle CPUs, i.e. CPUs that no other process's runnable thread wants (counted at most a
+quarter second before the call), at most torch's ``torch.get_num_threads()``, and one where fewer than
+two are idle. ``PEFT_QPA_KERNEL_THREADS=<n>`` fixes the count instead (at most torch's). With one
+thread the simulator's state-sized elementwise ops on this path run in one thread too (see
+:mod:`peft_qpa.simulator`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 import sys
@@ -33,6 +47,7 @@ logger = logging.get_logger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "ry_layers.cpp"
 ENV_VAR = "PEFT_QPA_FUSED_KERNEL"
+THREADS_ENV_VAR = "PEFT_QPA_KERNEL_THREADS"
 # Cache blocking, passed to the compiler: tiles of TILE_BYTES (2^12 float32 or 2^11 float64 amplitudes;
 # the qubits below are rotated inside a tile, in L1), blocks of BLOCK_BYTES (8 tiles: three more qubits
 # while the block is in L2), the qubits above in passes of three over the state. Chosen by timing
@@ -50,6 +65,15 @@ def tile_bits(itemsize: int) -> int:
 def block_bits(itemsize: int) -> int:
     """Qubits rotated inside one block (15 float32, 14 float64): the high passes start there."""
     return min((BLOCK_BYTES // itemsize).bit_length() - 1, tile_bits(itemsize) + 3)
+
+
+CFLAGS = ("-O3", "-march=native", f"-DQPA_TILE_BYTES={TILE_BYTES}", f"-DQPA_BLOCK_BYTES={BLOCK_BYTES}")
+
+# Below this many qubits the kernel runs in one thread (threads()). On the 2-core machine of
+# docs/performance.md a second thread gained nothing at N = 16-20 even on an idle machine (0.92-1.06x)
+# and made a call 2.4-9x slower next to one other busy process. From 2^20 amplitudes (4 MiB in float32) the
+# state streams from memory, where more cores can add bandwidth on larger machines.
+PARALLEL_MIN_QUBITS = 20
 
 # torch's build lock (a file in the build directory) outlives a process killed while compiling, and
 # the next build would then wait for it forever. A build takes ~1 minute, so an older lock is stale.
@@ -81,14 +105,41 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:10]
 
 
-def build_directory() -> Path:
-    """Where the kernel is built and cached: ``$TORCH_EXTENSIONS_DIR`` or torch's default root."""
+def source_key(source: bytes | None = None, flags=CFLAGS) -> str:
+    """A short hash of the kernel's source (by default :data:`SOURCE`'s bytes) and its compile flags."""
+    if source is None:
+        source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source)
+    digest.update("\0".join(flags).encode())
+    return digest.hexdigest()[:12]
+
+
+def build_directory(source: bytes | None = None) -> Path:
+    """Where the kernel is built and cached: ``$TORCH_EXTENSIONS_DIR`` or torch's default root, then
+    ``<python>_<torch>/peft_qpa_ry_layers_<cpu>_<source_key>``. The directory's name is also the
+    module's name, so a different source is a different module and never replaces a loaded one."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     # the interpreter and torch versions fix the extension's ABI, as in torch's own layout
     abi = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
-    return Path(root) / abi / f"peft_qpa_ry_layers_{_cpu_fingerprint()}"
+    return Path(root) / abi / f"peft_qpa_ry_layers_{_cpu_fingerprint()}_{source_key(source)}"
+
+
+def _stage_source(directory: Path, source: bytes) -> Path:
+    """The copy of the source inside the build directory that is compiled. Compiling the checkout's own
+    file would make ninja rebuild whenever another checkout (another path, a newer file) used the
+    directory; the copy has one path and is written once, so its time stamp stays older than the build."""
+    path = directory / SOURCE.name
+    try:
+        if path.read_bytes() == source:
+            return path
+    except OSError:
+        pass
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    partial.write_bytes(source)
+    os.replace(partial, path)
+    return path
 
 
 def _remove_stale_lock(directory: Path) -> None:
@@ -117,7 +168,8 @@ def load():
             try:
                 from torch.utils.cpp_extension import load as load_extension
 
-                directory = build_directory()
+                source = SOURCE.read_bytes()
+                directory = build_directory(source)
                 directory.mkdir(parents=True, exist_ok=True)
                 _remove_stale_lock(directory)
                 if not any(directory.glob("*.so")) and not any(directory.glob("*.pyd")):
@@ -125,9 +177,8 @@ def load():
                 _module = load_extension(
                     name=directory.name,
                     build_directory=str(directory),
-                    sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native", f"-DQPA_TILE_BYTES={TILE_BYTES}",
-                                  f"-DQPA_BLOCK_BYTES={BLOCK_BYTES}"],
+                    sources=[str(_stage_source(directory, source))],
+                    extra_cflags=list(CFLAGS),
                     verbose=False,
                 )
                 _error = None
@@ -146,3 +197,75 @@ def error() -> str | None:
     """Why the last build failed (None if it did not fail or was not attempted)."""
     return _error
 
+
+def _runnable_elsewhere() -> int | None:
+    """Runnable threads of other processes right now (Linux: the kernel's count of runnable tasks in
+    ``/proc/loadavg`` minus this process's own running threads, which include the caller and any of
+    torch's threads still spinning after a parallel op), or None where it cannot be told."""
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for task in os.scandir("/proc/self/task"):
+            try:
+                with open(f"{task.path}/stat") as f:
+                    own += f.read().rpartition(")")[2].split(None, 1)[0] == "R"
+            except OSError:  # the thread ended meanwhile
+                pass
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - max(own, 1))
+
+
+# A count of idle CPUs is reused for this long (reading /proc costs 0.1-0.3 ms, a kernel call at
+# PARALLEL_MIN_QUBITS qubits a few milliseconds; the forward and the backward of a call share one count).
+IDLE_CPUS_MAX_AGE = 0.25
+_idle_cpus_cache: tuple[float, int] = (-math.inf, 0)
+
+
+def idle_cpus(max_age: float = IDLE_CPUS_MAX_AGE) -> int:
+    """CPUs this process may run on that no other process's runnable thread is using right now (a count
+    up to ``max_age`` seconds old). Without ``/proc`` (not Linux) the one-minute load average, which
+    counts this process too, stands in."""
+    global _idle_cpus_cache
+    now = time.monotonic()
+    stamp, count = _idle_cpus_cache
+    if now - stamp <= max_age:
+        return count
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:
+        allowed = os.cpu_count() or 1
+    total = os.cpu_count() or allowed
+    others = _runnable_elsewhere()
+    if others is None:
+        try:
+            others = math.ceil(os.getloadavg()[0])
+        except (AttributeError, OSError):
+            others = 0
+    count = max(0, min(allowed, total - others))
+    _idle_cpus_cache = (now, count)
+    return count
+
+
+def threads(n_qubits: int) -> int:
+    """Threads for one kernel call on a state of ``n_qubits`` qubits (see the module docstring).
+
+    ``PEFT_QPA_KERNEL_THREADS=<n>`` (n >= 1): n, at most torch's ``torch.get_num_threads()``. Unset or
+    ``auto``: 1 below ``PARALLEL_MIN_QUBITS`` qubits or where torch has one thread; else the idle CPUs
+    (:func:`idle_cpus`, at most torch's count) when there are at least two, otherwise 1. The results
+    do not depend on it (the kernel adds its partial sums in a fixed order)."""
+    pool = torch.get_num_threads()
+    value = os.environ.get(THREADS_ENV_VAR, "auto").strip().lower()
+    if value not in ("", "auto"):
+        try:
+            count = int(value)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ValueError(f"{THREADS_ENV_VAR} must be a positive number of threads or auto, got {value!r}")
+        return min(count, pool)
+    if pool <= 1 or n_qubits < PARALLEL_MIN_QUBITS:
+        return 1
+    free = min(idle_cpus(), pool)
+    return free if free >= 2 else 1

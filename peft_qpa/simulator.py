@@ -393,13 +393,21 @@ class StatevectorSimulator(torch.nn.Module):
         self._workspace.clear()
 
     def _fused_cos_sin(self, angles: torch.Tensor):
-        half = angles[self._fused_angles] / 2  # (layers, N), qubit 0 first
-        return torch.cos(half), torch.sin(half)
+        # (layers, N), qubit 0 first. In numpy: torch's cos/sin (MKL's vector math) start a thread team
+        # even for these few values, and waking it costs milliseconds when other processes hold the CPUs.
+        half = _array(angles[self._fused_angles] / 2)
+        return torch.from_numpy(np.cos(half)), torch.from_numpy(np.sin(half))
 
-    def _fused_statevector(self, angles: torch.Tensor, module) -> torch.Tensor:
+    def _fused_statevector(self, angles: torch.Tensor, module, threads: "int | None" = None) -> torch.Tensor:
+        """The final state on the fused path. ``threads``: the kernel's thread count for this call
+        (:func:`fused_kernel.threads` when None); with 1 the state-sized elementwise ops run in one
+        thread too (:func:`_serial_outer`)."""
         cos, sin = self._fused_cos_sin(angles)
         steps, workspace = self._fused_steps, self._workspace
         size, dtype = 2**self.n_qubits, cos.dtype
+        if threads is None:
+            threads = fused_kernel.threads(self.n_qubits)
+        outer = _serial_outer if threads == 1 else torch.outer
         # the first layer on |0...0>: the product state of the columns (cos, sin) of each qubit's RY;
         # only the final output leaves this method, every other state lives in workspace buffers
         columns = torch.stack([cos[0], sin[0]], 1)  # (N, 2), qubit 0 first
@@ -407,23 +415,30 @@ class StatevectorSimulator(torch.nn.Module):
         for q in range(1, self.n_qubits):
             if q == self.n_qubits - 1 and steps:
                 out, borrowed = workspace.take(size, dtype).view(2, -1), True
-                state = torch.outer(columns[q], state, out=out).reshape(-1)
+                state = outer(columns[q], state, out=out).reshape(-1)
             else:
-                state = torch.outer(columns[q], state).reshape(-1)
+                state = outer(columns[q], state).reshape(-1)
         for i, step in enumerate(steps):
             index, chain = self._fused_permutation(step.permutation)
             last = i == len(steps) - 1
             out = torch.empty(size, dtype=dtype) if last else workspace.take(size, dtype)
             if step.layer is None:  # the trailing CNOT chain
-                module.permute(state, index, chain, out)
+                module.permute(state, index, chain, out, threads)
             else:
-                module.ry_layer_forward(state, index, chain, cos[step.layer], sin[step.layer], out)
+                module.ry_layer_forward(state, index, chain, cos[step.layer], sin[step.layer], out, threads)
             if borrowed:
                 workspace.give(state)
             state, borrowed = out, not last
         return state
 
-    def _fused_sweep(self, angles: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, module) -> torch.Tensor:
+    def _fused_probabilities(self, angles: torch.Tensor, module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final state, probabilities) on the fused path, with one thread count for the whole call."""
+        threads = fused_kernel.threads(self.n_qubits)
+        state = self._fused_statevector(angles, module, threads)
+        return state, (_serial_square(state) if threads == 1 else state.square())
+
+    def _fused_sweep(self, angles: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, module,
+                     threads: "int | None" = None) -> torch.Tensor:
         """dL/dangles by an adjoint sweep over the layers, last to first. Each kernel call un-permutes its
         inputs by the permutation that *follows* its layer (a gather, so no pass of its own and no
         scatter), then undoes the layer and contracts its angle gradients. Overwrites ``lam`` (and keeps it
@@ -431,6 +446,8 @@ class StatevectorSimulator(torch.nn.Module):
         cos, sin = self._fused_cos_sin(angles)
         grad = torch.zeros_like(angles)
         workspace, size, dtype = self._workspace, y.numel(), y.dtype
+        if threads is None:
+            threads = fused_kernel.threads(self.n_qubits)
         spares: list = []
         owned = False  # whether y may be overwritten (not the kept final state)
         for row, permutation in self._fused_undo:
@@ -443,7 +460,8 @@ class StatevectorSimulator(torch.nn.Module):
                     spares.append(workspace.take(size, dtype))
                 y_out, lam_out = spares[0], spares[1]
             index, inverse_chain = self._fused_permutation(permutation, inverse=True)
-            layer_grad = module.ry_layer_backward(y, lam, index, inverse_chain, cos[row], sin[row], y_out, lam_out)
+            layer_grad = module.ry_layer_backward(y, lam, index, inverse_chain, cos[row], sin[row], y_out, lam_out,
+                                                  threads)
             if permutation is not None:
                 spares = [lam, y] if owned else [lam]  # consumed: reused as the next outputs
             y, lam, owned = y_out, lam_out, True
@@ -455,6 +473,11 @@ class StatevectorSimulator(torch.nn.Module):
         if self.use_adjoint and torch.is_grad_enabled() and angles.requires_grad:
             self._check(angles)
             return _AdjointProbabilities.apply(angles, self)
+        if not (torch.is_grad_enabled() and angles.requires_grad):
+            self._check(angles)
+            module = self._fused_module(angles)
+            if module is not None:
+                return self._fused_probabilities(angles, module)[1]
         state = self.statevector(angles)
         if self.is_complex:
             return state.real.square() + state.imag.square()
@@ -464,7 +487,7 @@ class StatevectorSimulator(torch.nn.Module):
     # Adjoint backward (real amplitudes)
     # ----------------------------------------------------------------------------------------------
 
-    def _adjoint_backward(self, angles: torch.Tensor, buffers: list, fused=None) -> torch.Tensor:
+    def _adjoint_backward(self, angles: torch.Tensor, buffers: list, fused=None, threads=None) -> torch.Tensor:
         """dL/dangles from the final state and dL/dstate, sweeping the stages backwards.
 
         At every stage ``y = S(x)`` the sweep holds y and λ = dL/dy, reconstructs x = S^-1(y) and sets
@@ -473,7 +496,7 @@ class StatevectorSimulator(torch.nn.Module):
         a few batched ops (:func:`_kron_angle_grads`). ``buffers`` is ``[final state, dL/dstate]``; the
         list is emptied so that, when the caller holds no other reference, each state is released as
         soon as the sweep is past it. ``fused``: the compiled kernel where the caller found that it
-        applies (:meth:`_fused_module`); the sweep then runs in it (:meth:`_fused_sweep`)."""
+        applies (:meth:`_fused_module`); the sweep then runs in it (:meth:`_fused_sweep`) with ``threads``."""
         dtype = angles.dtype
         stages = self._stages
         product_start = self._starts_with_product_state()
@@ -481,7 +504,7 @@ class StatevectorSimulator(torch.nn.Module):
         y, lam = buffers.pop(0), buffers.pop(0)
         if fused is not None:
             with torch.no_grad():
-                return self._fused_sweep(angles, y, lam, fused)
+                return self._fused_sweep(angles, y, lam, fused, threads)
         with torch.no_grad():
             for i in range(len(stages) - 1, 0 if product_start else -1, -1):
                 stage = stages[i]
@@ -580,13 +603,18 @@ class _AdjointProbabilities(torch.autograd.Function):
     @staticmethod
     def forward(ctx, angles, sim):
         with torch.no_grad():
-            state = sim.statevector(angles, _as_if_grad=True)
+            fused = sim._fused_module(angles)
+            if fused is not None:
+                state, probs = sim._fused_probabilities(angles, fused)
+            else:
+                state = sim.statevector(angles, _as_if_grad=True)
+                probs = state.square()
         ctx.sim = sim
         ctx.save_for_backward(angles)
         # The state is an internal tensor (not an output, no grad_fn): kept as an attribute so that a
         # backward that frees the graph can drop it as soon as the sweep no longer needs it.
         ctx.state = state
-        return state.square()
+        return probs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -597,13 +625,57 @@ class _AdjointProbabilities(torch.autograd.Function):
             ctx.state = None  # the graph is freed after this backward: let the sweep release the state
         sim = ctx.sim
         fused = sim._fused_module(angles)
+        threads = fused_kernel.threads(sim.n_qubits) if fused is not None else None
         # λ = 2 g ψ; on the fused path into a workspace buffer, which the sweep keeps for the next call
         lam = sim._workspace.take(state.numel(), state.dtype) if fused is not None else None
-        lam = torch.mul(grad_probs, state, out=lam)
-        lam.mul_(2)
+        if threads == 1:
+            _serial_gradient_state(grad_probs, state, lam)
+        else:
+            lam = torch.mul(grad_probs, state, out=lam)
+            lam.mul_(2)
         buffers = [state, lam]
         del state, lam
-        return sim._adjoint_backward(angles, buffers, fused), None
+        return sim._adjoint_backward(angles, buffers, fused, threads), None
+
+
+# The fused path's state-sized elementwise ops where the kernel runs in one thread. A torch elementwise
+# op over at least _TORCH_GRAIN values runs on torch's whole thread pool and ends in a barrier, which
+# stalls like the kernel's passes when another process holds a CPU (see fused_kernel.threads); numpy
+# never starts a thread team, at the same speed as one torch thread. Smaller ops stay in torch (which
+# runs them in the calling thread, with less overhead). Each is the same IEEE operation as the torch op
+# it replaces: the results are bit-identical.
+_TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().resolve_conj().resolve_neg().numpy()
+
+
+def _serial_outer(a: torch.Tensor, b: torch.Tensor, out: "torch.Tensor | None" = None) -> torch.Tensor:
+    if a.numel() * b.numel() < _TORCH_GRAIN:
+        return torch.outer(a, b, out=out)
+    if out is None:
+        out = torch.empty(a.numel(), b.numel(), dtype=torch.result_type(a, b))
+    np.outer(_array(a), _array(b), out=out.numpy())
+    return out
+
+
+def _serial_square(state: torch.Tensor) -> torch.Tensor:
+    if state.numel() < _TORCH_GRAIN:
+        return state.square()
+    out = torch.empty_like(state)
+    np.square(_array(state), out=out.numpy())
+    return out
+
+
+def _serial_gradient_state(grad_probs: torch.Tensor, state: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = 2 g ψ, as (g ψ) · 2 like torch.mul then mul_(2)."""
+    if state.numel() < _TORCH_GRAIN:
+        return torch.mul(grad_probs, state, out=out).mul_(2)
+    array = out.numpy()
+    np.multiply(_array(grad_probs), _array(state), out=array)
+    np.multiply(array, 2, out=array)
+    return out
 
 
 def _graph_kept() -> bool:

@@ -2,6 +2,7 @@
 writes a JSON with the documented schema and a plot. No timing is asserted."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,10 +35,51 @@ def _check_machine(meta):
     assert meta["total_s"] > 0
 
 
+TINY_CONTENTION = ["--contention-qubits", "8", "--contention-repeats", "2", "--contention-rounds", "1",
+                   "--contention-procs", "1", "--contention-torch-threads", "2"]
+
+
+def _check_contention(result, command_start):
+    import torch
+
+    from peft_qpa import fused_kernel
+
+    assert torch.get_num_threads() == 1  # the scenario's torch threads are not left behind
+    if fused_kernel.load() is None:
+        assert result["status"] == "not run" and "unavailable" in result["reason"]
+        return
+    assert result["status"] == "run" and result["command"].startswith(command_start)
+    assert result["torch_threads"] == 2 and result["busy_processes"] == 1
+    assert result["parallel_min_qubits"] == fused_kernel.PARALLEL_MIN_QUBITS
+    assert [(p["round"], p["phase"]) for p in result["phases"]] == [(0, "quiet"), (0, "contended")]
+    for phase in result["phases"]:
+        assert len(phase["loadavg"]) == 3 and phase["idle_cpus"] >= 0
+        assert phase["runnable_elsewhere"] is None or phase["runnable_elsewhere"] >= 0
+    rows = {r["policy"]: r for r in result["rows"]}
+    assert sorted(rows) == ["1", "auto", "pool"]
+    quiet_best = min(r["quiet_s_median"] for r in rows.values())
+    for policy, r in rows.items():
+        assert r["n_qubits"] == 8 and r["dtype"] == "float32"
+        for phase in ("quiet", "contended"):
+            assert len(r[f"{phase}_s_all"]) == 2 and r[f"{phase}_s_median"] > 0 and r[f"{phase}_cpu_s_median"] > 0
+            assert sum(r[f"{phase}_kernel_threads"].values()) == 2
+        assert r["contended_over_quiet"] == pytest.approx(r["contended_s_median"] / r["quiet_s_median"])
+        assert r["contended_s_mean"] == pytest.approx(sum(r["contended_s_all"]) / 2)
+        assert r["contended_over_quiet_mean"] == pytest.approx(r["contended_s_mean"] / r["quiet_s_mean"])
+        assert r["contended_over_best_quiet"] == pytest.approx(r["contended_s_median"] / quiet_best)
+    # the policies: auto takes one thread below PARALLEL_MIN_QUBITS, pool torch's whole pool (two here)
+    assert rows["auto"]["env"] is None and rows["1"]["env"] == "1" and rows["pool"]["env"] == "2"
+    for phase in ("quiet", "contended"):
+        assert rows["auto"][f"{phase}_kernel_threads"] == {"1": 2}
+        assert rows["1"][f"{phase}_kernel_threads"] == {"1": 2}
+        assert rows["pool"][f"{phase}_kernel_threads"] == {"2": 2}
+    assert os.environ.get(fused_kernel.THREADS_ENV_VAR) is None  # the policies' setting is not left behind
+
+
 def test_bench_simulator_schema(tmp_path):
     bench_simulator.main(["--qubits", "3", "4", "--dtypes", "float32", "--repeats", "1", "--warmup", "0",
                           "--aer-max-qubits", "3", "--aer-repeats", "1", "--copy-mib", "4", "--no-memory",
-                          "--out", str(tmp_path)])
+                          *TINY_CONTENTION, "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "bench_simulator.json").read_text())
     assert (tmp_path / "bench_simulator.png").stat().st_size > 0
     meta = payload["meta"]
@@ -70,8 +112,29 @@ def test_bench_simulator_schema(tmp_path):
     assert aer[3]["status"] == "run" and aer[3]["circuits_per_step"] == 2 * 8 * 3 + 1
     assert aer[4]["status"] == "not run" and "fwd_bwd_s_median" not in aer[4]  # nothing extrapolated
     assert sorted((s["n_qubits"], s["variant"]) for s in payload["speedups_vs_aer"]) == sorted((3, v) for v in variants)
+    _check_contention(payload["contention"], "python benchmarks/bench_simulator.py --qubits 3 4")
     # the plot can be redrawn from the JSON alone
     bench_simulator.main(["--plot-only", str(tmp_path / "bench_simulator.json")])
+    import tables
+
+    text = tables.main(["--simulator", str(tmp_path / "bench_simulator.json"), "--step", str(tmp_path / "none")])
+    assert "| N | policy |" in text or "Contention scenario not run" in text
+
+
+def test_bench_simulator_only_contention_merges(tmp_path):
+    """``--only contention`` runs just the scenario and replaces only the ``contention`` entry of the
+    existing JSON: the other rows stay as they were."""
+    existing = {"meta": {"command": "python benchmarks/bench_simulator.py", "total_s": 1.0},
+                "results": [{"backend": "torch_statevector", "n_qubits": 20, "fwd_bwd_s_median": 0.04}],
+                "speedups_vs_aer": [{"n_qubits": 20, "speedup_vs_aer": 9893.0}],
+                "contention": {"status": "run", "rows": []}}
+    path = tmp_path / "bench_simulator.json"
+    path.write_text(json.dumps(existing))
+    bench_simulator.main(["--only", "contention", *TINY_CONTENTION, "--out", str(tmp_path)])
+    payload = json.loads(path.read_text())
+    assert {k: payload[k] for k in ("meta", "results", "speedups_vs_aer")} == \
+        {k: existing[k] for k in ("meta", "results", "speedups_vs_aer")}
+    _check_contention(payload["contention"], "python benchmarks/bench_simulator.py --only contention")
 
 
 def test_peak_rss_delta_sees_an_allocation():

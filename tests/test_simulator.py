@@ -1,5 +1,7 @@
 """The torch statevector simulator against Qiskit's Statevector, and its gradients."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -225,12 +227,15 @@ def test_fused_kernel_is_the_default_where_it_applies():
     assert StatevectorSimulator(build_ansatz(4, 2, "rx_cnot"))._fused_steps is None  # complex amplitudes
 
 
-def test_fused_kernel_general_cnot_pattern_and_threads():
+def test_fused_kernel_general_cnot_pattern_and_threads(monkeypatch):
     """CNOTs that are not the q -> q+1 chain use the kernel's index path; strips run at N = 15.
-    Results do not depend on the number of threads (partial sums are added in a fixed order)."""
+    Results do not depend on the number of threads (partial sums are added in a fixed order; with one
+    thread the state-sized elementwise ops run in numpy, with two in torch: the same IEEE operations)."""
     _require_fused_kernel()
     from qiskit import QuantumCircuit
     from qiskit.circuit import ParameterVector
+
+    from peft_qpa import fused_kernel
 
     n = 15
     theta = ParameterVector("θ", 3 * n)
@@ -250,6 +255,8 @@ def test_fused_kernel_general_cnot_pattern_and_threads():
         results = []
         for count in (1, 2):
             torch.set_num_threads(count)
+            monkeypatch.setenv(fused_kernel.THREADS_ENV_VAR, str(count))
+            assert fused_kernel.threads(n) == count
             results.append(_loss_and_grad(fused, angles.float(), weights.float()))
             p, g = _loss_and_grad(fused, angles, weights)
             torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-14)
@@ -369,3 +376,170 @@ def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     directory = fused_kernel.build_directory()
     assert directory.parent.parent == tmp_path and directory.name.startswith("peft_qpa_ry_layers_")
+
+
+def test_build_directory_is_keyed_by_the_source(monkeypatch, tmp_path):
+    """Two different sources (two checkouts at different versions) get different build directories
+    and module names; the same source, wherever it lies, the same ones."""
+    from peft_qpa import fused_kernel
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    source = fused_kernel.SOURCE.read_bytes()
+    changed = source + b"\n// another version\n"
+    assert fused_kernel.build_directory(source) == fused_kernel.build_directory(bytes(source))
+    assert fused_kernel.build_directory(source) == fused_kernel.build_directory()  # the package's own source
+    assert fused_kernel.build_directory(changed) != fused_kernel.build_directory(source)
+    assert fused_kernel.source_key(source) != fused_kernel.source_key(source, flags=("-O2",))  # flags count
+    for directory in (fused_kernel.build_directory(source), fused_kernel.build_directory(changed)):
+        assert directory.name.isidentifier() and directory.name.startswith("peft_qpa_ry_layers_")
+
+
+def test_checkouts_of_one_source_share_one_build(monkeypatch, tmp_path):
+    """load() compiles a copy of the source inside the build directory: two checkouts (two paths) of
+    the same source hand torch the same name, directory and source file, so neither rebuilds the
+    other's kernel; a different source gets its own."""
+    import torch.utils.cpp_extension
+
+    from peft_qpa import fused_kernel
+
+    calls = []
+
+    def fake_load(name, build_directory, sources, extra_cflags, verbose):
+        calls.append({"name": name, "build_directory": build_directory, "sources": list(sources),
+                      "flags": list(extra_cflags)})
+        return object()
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(fused_kernel.ENV_VAR, raising=False)
+    source = fused_kernel.SOURCE.read_bytes()
+    for checkout, text in (("a", source), ("b", source), ("c", source + b"\n// edited\n")):
+        path = tmp_path / checkout / "csrc" / "ry_layers.cpp"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(text)
+        monkeypatch.setattr(fused_kernel, "SOURCE", path)
+        monkeypatch.setattr(fused_kernel, "_module", None)
+        monkeypatch.setattr(fused_kernel, "_error", None)
+        assert fused_kernel.load() is not None, fused_kernel.error()
+    a, b, c = calls
+    assert a == b
+    compiled = Path(a["sources"][0])
+    assert compiled.parent == Path(a["build_directory"]) and compiled.read_bytes() == source
+    assert a["flags"] == list(fused_kernel.CFLAGS)
+    assert c["name"] != a["name"] and c["build_directory"] != a["build_directory"]
+    assert Path(c["sources"][0]).read_bytes() == source + b"\n// edited\n"
+
+
+def test_kernel_threads_policy(monkeypatch):
+    """One thread below PARALLEL_MIN_QUBITS and wherever fewer than two CPUs are idle; the idle CPUs (at
+    most torch's count) above; PEFT_QPA_KERNEL_THREADS fixes the count (at most torch's)."""
+    from peft_qpa import fused_kernel
+
+    threads = torch.get_num_threads()
+    big, small = fused_kernel.PARALLEL_MIN_QUBITS, fused_kernel.PARALLEL_MIN_QUBITS - 1
+    monkeypatch.delenv(fused_kernel.THREADS_ENV_VAR, raising=False)
+    try:
+        torch.set_num_threads(4)
+        for idle, expected in ((8, 4), (3, 3), (2, 2), (1, 1), (0, 1)):
+            monkeypatch.setattr(fused_kernel, "idle_cpus", lambda idle=idle: idle)
+            assert fused_kernel.threads(big) == expected
+            assert fused_kernel.threads(small) == 1
+        monkeypatch.setattr(fused_kernel, "idle_cpus", lambda: 8)
+        monkeypatch.setenv(fused_kernel.THREADS_ENV_VAR, "auto")
+        assert fused_kernel.threads(big) == 4
+        monkeypatch.setenv(fused_kernel.THREADS_ENV_VAR, "1")
+        assert fused_kernel.threads(big) == 1
+        monkeypatch.setenv(fused_kernel.THREADS_ENV_VAR, "3")
+        assert fused_kernel.threads(small) == 3
+        monkeypatch.setenv(fused_kernel.THREADS_ENV_VAR, "16")
+        assert fused_kernel.threads(big) == 4  # at most torch's thread count
+        torch.set_num_threads(1)
+        monkeypatch.delenv(fused_kernel.THREADS_ENV_VAR)
+        assert fused_kernel.threads(big) == 1
+        for bad in ("0", "-2", "many"):
+            monkeypatch.setenv(fused_kernel.THREADS_ENV_VAR, bad)
+            with pytest.raises(ValueError, match=fused_kernel.THREADS_ENV_VAR):
+                fused_kernel.threads(big)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_busy_processes_leave_no_idle_cpu():
+    """Busy-loop processes count as runnable elsewhere and take their CPUs off the idle ones; with one
+    per CPU (machines of up to 4 CPUs) none is idle and the kernel takes one thread at any size: a second
+    thread would stall every pass of the kernel waiting for a CPU."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from peft_qpa import fused_kernel
+
+    if not Path("/proc/loadavg").exists():
+        pytest.skip("needs Linux /proc")
+    cpus = os.cpu_count() or 1
+    count = min(cpus, 4)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    threads = torch.get_num_threads()
+    try:
+        time.sleep(0.3)
+        torch.set_num_threads(max(2, cpus))
+        assert fused_kernel._runnable_elsewhere() >= count
+        idle = fused_kernel.idle_cpus(max_age=0)
+        assert idle <= cpus - count
+        # the same count, reused
+        assert fused_kernel.threads(fused_kernel.PARALLEL_MIN_QUBITS) == (idle if idle >= 2 else 1)
+        if count == cpus:
+            assert idle == 0 and fused_kernel.threads(fused_kernel.PARALLEL_MIN_QUBITS) == 1
+    finally:
+        torch.set_num_threads(threads)
+        for proc in busy:
+            proc.kill()
+        for proc in busy:
+            proc.wait()
+
+
+SERIAL_PROBE = """
+import os, sys, torch
+torch.set_num_threads(2)
+from peft_qpa.circuit import build_ansatz
+from peft_qpa.simulator import StatevectorSimulator
+def threads_of_this_process():
+    return len(os.listdir("/proc/self/task"))
+before = threads_of_this_process()
+for setting, n in (("auto", int(sys.argv[1])), ("1", 18), ("2", 16)):  # a team stays: "2" goes last
+    os.environ["PEFT_QPA_KERNEL_THREADS"] = setting
+    sim = StatevectorSimulator(build_ansatz(n, 2), kernel="fused")
+    a, w = torch.rand(sim.num_parameters), torch.randn(2**n)
+    for _ in range(2):
+        sim(a.clone().requires_grad_()).backward(w)
+        with torch.no_grad():
+            sim(a)
+    print("THREADS", setting, n, threads_of_this_process() - before)
+"""
+
+
+def test_one_kernel_thread_starts_no_thread_team():
+    """With one kernel thread (PEFT_QPA_KERNEL_THREADS=1, or auto below PARALLEL_MIN_QUBITS) the whole
+    fused forward+backward (kernel passes and the simulator's state-sized elementwise ops) runs in the
+    calling thread: the OpenMP team that torch starts at its first parallel region never appears, so
+    nothing waits at a barrier for a descheduled thread. Two threads do start it (which shows that the
+    probe can see it). In a fresh process, with torch set to two threads."""
+    import os
+    import subprocess
+    import sys
+
+    _require_fused_kernel()
+    from peft_qpa import fused_kernel
+
+    if not Path("/proc/self/task").exists():
+        pytest.skip("needs Linux /proc")
+    below = fused_kernel.PARALLEL_MIN_QUBITS - 1
+    env = {k: v for k, v in os.environ.items() if k != fused_kernel.THREADS_ENV_VAR}
+    proc = subprocess.run([sys.executable, "-c", SERIAL_PROBE, str(below)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    started = {tuple(line.split()[1:3]): int(line.split()[3])
+               for line in proc.stdout.splitlines() if line.startswith("THREADS")}
+    assert len(started) == 3, proc.stderr[-3000:]
+    assert started[("auto", str(below))] == 0 and started[("1", "18")] == 0
+    assert started[("2", "16")] > 0

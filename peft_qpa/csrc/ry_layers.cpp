@@ -62,6 +62,14 @@ template <typename T> constexpr int bits_for(int64_t bytes) {
 template <typename T> constexpr int tile_bits() { return bits_for<T>(QPA_TILE_BYTES); }
 template <typename T> constexpr int block_bits() { return std::min(bits_for<T>(QPA_BLOCK_BYTES), tile_bits<T>() + 3); }
 
+// The grain of at::parallel_for that splits `range` items over at most `threads` threads (0: torch's
+// pool). With 1 the pass runs in the calling thread: no parallel region, no barrier at its end, which
+// is what a pass costs under CPU contention (a descheduled team member stalls every pass).
+inline int64_t grain_for(int64_t range, int64_t threads, int64_t minimum = 1) {
+  if (threads <= 0) return minimum;
+  return std::max(minimum, (range + threads - 1) / threads);
+}
+
 template <typename T>
 inline typename Simd<T>::V vload(const T* p) {
   typename Simd<T>::V v;
@@ -200,6 +208,7 @@ struct Layer {
   T scale;          // tail[0]
   V lane_a[3], lane_b[3];  // lane qubit q: v' = A v + B (.) v[r ^ 2^q]; undo: A v - B (.) v[r ^ 2^q]
   V lane_sign[3];          // +1 where bit q of the lane is 1, else -1
+  int64_t threads = 0;     // at most this many threads per pass (0: torch's intra-op pool)
 
   Layer(int n_, const T* c, const T* s) : n(n_) {
     t = std::min(n, tile_bits<T>());
@@ -458,7 +467,7 @@ template <typename T, typename F>
 inline void for_high_chunks(const Layer<T>& L, int R, int64_t h, F&& fn) {
   const int64_t per_base = h / L.tile;  // chunks per base
   const int64_t chunks = L.size / (L.tile << R);
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, chunks, grain_for(chunks, L.threads), [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b0 = (k / per_base) * (h << R), j0 = (k % per_base) * L.tile;
       fn(k, b0, j0, j0 + L.tile);
@@ -474,7 +483,7 @@ template <typename T>
 void forward_impl(const T* src, T* dst, const Perm& perm, const Layer<T>& L) {
   typedef typename Simd<T>::V V;
   constexpr int D = Simd<T>::lanes, K = Simd<T>::lane_bits;
-  at::parallel_for(0, L.nblocks, 1, [&](int64_t B0, int64_t B1) {
+  at::parallel_for(0, L.nblocks, grain_for(L.nblocks, L.threads), [&](int64_t B0, int64_t B1) {
     for (int64_t B = B0; B < B1; ++B) {
       for (int64_t b = B * (L.block / L.tile); b < (B + 1) * (L.block / L.tile); ++b) {
         T* x = dst + b * L.tile;
@@ -505,7 +514,7 @@ void backward_impl(const T* z, const T* mu, T* y, T* lam, const Perm& perm, cons
   // partial sums: one row of n per tile (the qubits below t), one per block (t..t2-1), then one per
   // chunk of each high pass
   std::vector<double> tile_part(L.ntiles * L.n, 0.0), block_part(L.nblocks * L.n, 0.0);
-  at::parallel_for(0, L.nblocks, 1, [&](int64_t B0, int64_t B1) {
+  at::parallel_for(0, L.nblocks, grain_for(L.nblocks, L.threads), [&](int64_t B0, int64_t B1) {
     for (int64_t B = B0; B < B1; ++B) {
       for (int64_t b = B * (L.block / L.tile); b < (B + 1) * (L.block / L.tile); ++b) {
         T* yt = y + b * L.tile;
@@ -649,7 +658,7 @@ bool aliases(const torch::Tensor& a, const torch::Tensor& b) { return a.data_ptr
 // out: a buffer of the state's size and dtype (not the state itself): reusing buffers across layers
 // avoids page-faulting fresh memory in every layer. chain=True: the CNOT chain (perm must be None).
 torch::Tensor ry_layer_forward(torch::Tensor state, c10::optional<torch::Tensor> perm, bool chain, torch::Tensor c,
-                               torch::Tensor s, torch::Tensor out) {
+                               torch::Tensor s, torch::Tensor out, int64_t threads) {
   check(state, perm, c, s);
   check(out, perm, c, s);
   TORCH_CHECK(!aliases(out, state), "out must not be the input state");
@@ -661,6 +670,7 @@ torch::Tensor ry_layer_forward(torch::Tensor state, c10::optional<torch::Tensor>
                               s.data_ptr<scalar_t>());
     } else {
       Layer<scalar_t> layer(n, c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>());
+      layer.threads = threads;
       forward_impl<scalar_t>(state.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p, layer);
     }
   });
@@ -674,7 +684,7 @@ torch::Tensor ry_layer_forward(torch::Tensor state, c10::optional<torch::Tensor>
 // other buffers.
 torch::Tensor ry_layer_backward(torch::Tensor z, torch::Tensor mu, c10::optional<torch::Tensor> inverse,
                                 bool inverse_chain, torch::Tensor c, torch::Tensor s, torch::Tensor y_out,
-                                torch::Tensor lam_out) {
+                                torch::Tensor lam_out, int64_t threads) {
   check(z, inverse, c, s);
   check(mu, inverse, c, s);
   check(y_out, inverse, c, s);
@@ -696,6 +706,7 @@ torch::Tensor ry_layer_backward(torch::Tensor z, torch::Tensor mu, c10::optional
                                grad.data_ptr<double>());
     } else {
       Layer<scalar_t> layer(n, c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>());
+      layer.threads = threads;
       backward_impl<scalar_t>(z.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(), y_out.data_ptr<scalar_t>(),
                               lam_out.data_ptr<scalar_t>(), p, layer, grad.data_ptr<double>());
     }
@@ -705,7 +716,8 @@ torch::Tensor ry_layer_backward(torch::Tensor z, torch::Tensor mu, c10::optional
 
 // out[i] = state[perm(i)] for a lone permutation (the CNOT chain after the last layer): the chain is
 // computed (two loads and a shuffle per register), an index is read.
-torch::Tensor permute(torch::Tensor state, c10::optional<torch::Tensor> perm, bool chain, torch::Tensor out) {
+torch::Tensor permute(torch::Tensor state, c10::optional<torch::Tensor> perm, bool chain, torch::Tensor out,
+                      int64_t threads) {
   TORCH_CHECK(state.device().is_cpu() && state.dim() == 1 && state.is_contiguous() && out.is_contiguous() &&
               out.numel() == state.numel() && out.scalar_type() == state.scalar_type() && !aliases(out, state),
               "permute: contiguous 1-D CPU state and another buffer of its size and dtype");
@@ -723,18 +735,26 @@ torch::Tensor permute(torch::Tensor state, c10::optional<torch::Tensor> perm, bo
       for (int64_t i = 0; i < size; ++i) dst[i] = src[p.source(i)];
       return;
     }
-    at::parallel_for(0, size / D, 4096, [&](int64_t a0, int64_t a1) {
+    at::parallel_for(0, size / D, grain_for(size / D, threads, 4096), [&](int64_t a0, int64_t a1) {
       for (int64_t a = a0; a < a1; ++a) vstore(dst + D * a, gather_register(src, a, p));
     });
   });
   return out;
 }
 
+// threads (every function): at most this many threads per pass over the state; 0 (the default): torch's
+// intra-op pool (torch.get_num_threads()). peft_qpa.fused_kernel.threads() chooses it per call.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   m.def("ry_layer_forward", &ry_layer_forward,
-        "gather by perm (an index, or chain=True for the CNOT chain, or neither), then RY on every qubit");
+        "gather by perm (an index, or chain=True for the CNOT chain, or neither), then RY on every qubit",
+        py::arg("state"), py::arg("perm"), py::arg("chain"), py::arg("c"), py::arg("s"), py::arg("out"),
+        py::arg("threads") = 0);
   m.def("ry_layer_backward", &ry_layer_backward,
         "un-permute (inverse index, or inverse_chain=True) the layer's output and its gradient into y_out, "
-        "lam_out, undo the layer there; returns dL/dtheta");
-  m.def("permute", &permute, "out[i] = state[perm(i)] (an index, or chain=True for the CNOT chain)");
+        "lam_out, undo the layer there; returns dL/dtheta",
+        py::arg("z"), py::arg("mu"), py::arg("inverse"), py::arg("inverse_chain"), py::arg("c"), py::arg("s"),
+        py::arg("y_out"), py::arg("lam_out"), py::arg("threads") = 0);
+  m.def("permute", &permute, "out[i] = state[perm(i)] (an index, or chain=True for the CNOT chain)",
+        py::arg("state"), py::arg("perm"), py::arg("chain"), py::arg("out"), py::arg("threads") = 0);
 }
