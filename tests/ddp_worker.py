@@ -42,8 +42,12 @@ def main(out_dir: str, mode: str) -> None:
         result["error"] = str(exc)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks' results are written; the process exits without tearing gloo down (see below)
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Exit without interpreter teardown: a rank once hung there (thread pools, gloo) after its work was written.
+    os._exit(0)

@@ -21,11 +21,12 @@ def run_ranks(tmp_path, mode):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
-        _, stderr = proc.communicate(timeout=300)
+        _, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
+        _, stderr = proc.communicate()
+        written = sorted(p.name for p in tmp_path.glob("rank*.json"))
+        raise AssertionError(f"torchrun timed out (rank files written: {written}): {stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
