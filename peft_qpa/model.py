@@ -249,9 +249,6 @@ class QPAModel(BaseTuner):
                 return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
         return False
 
-    def _adapters_disabled(self) -> bool:
-        return self._layer_states()[0]
-
     def _refresh_before_state_dict(self, module, prefix, keep_vars):
         for generator in self._generators().values():
             generator.refresh_snapshot(force=True)
