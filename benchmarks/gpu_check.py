@@ -143,6 +143,18 @@ def adapter_vs_base(model, ids, autocast_dtype=None, train=True, grad=True) -> t
     return bool(torch.equal(adapted_logits, base_logits)), max_abs(adapted_logits, base_logits)
 
 
+def record_zero_delta(results, prefix: str, arch: str, model, ids, autocast_dtype=None) -> bool:
+    """Adapter vs base in a training forward with gradients and in an eval forward without (the cached
+    snapshot); records ``{prefix}[_eval][_max_abs_diff]_{arch}`` and returns whether both were exact."""
+    ok, diff = adapter_vs_base(model, ids, autocast_dtype, train=True, grad=True)
+    ok_eval, diff_eval = adapter_vs_base(model, ids, autocast_dtype, train=False, grad=False)
+    results[f"{prefix}_{arch}"] = ok
+    results[f"{prefix}_max_abs_diff_{arch}"] = diff
+    results[f"{prefix}_eval_{arch}"] = ok_eval
+    results[f"{prefix}_eval_max_abs_diff_{arch}"] = diff_eval
+    return ok and ok_eval
+
+
 # --- the checks -----------------------------------------------------------------------------------------
 def check_zero_delta_autocast(args, results):
     """(a) zero delta at step 0 in a training-mode forward under bf16 and fp16 autocast."""
@@ -152,14 +164,7 @@ def check_zero_delta_autocast(args, results):
             model = adapted(arch, args.device)
             ids = batch(args.device)
             results[f"zero_delta_{name}_lora_B_max_abs_{arch}"] = lora_b_max(model)
-            ok, diff = adapter_vs_base(model, ids, dtype, train=True, grad=True)
-            results[f"zero_delta_{name}_autocast_{arch}"] = ok
-            results[f"zero_delta_{name}_autocast_max_abs_diff_{arch}"] = diff
-            # the eval path (cached snapshot, no grad) too
-            ok_eval, diff_eval = adapter_vs_base(model, ids, dtype, train=False, grad=False)
-            results[f"zero_delta_{name}_autocast_eval_{arch}"] = ok_eval
-            results[f"zero_delta_{name}_autocast_eval_max_abs_diff_{arch}"] = diff_eval
-            ok_all &= ok and ok_eval
+            ok_all &= record_zero_delta(results, f"zero_delta_{name}_autocast", arch, model, ids, dtype)
         results["checks"][f"zero_delta_{name}_autocast"] = ok_all
 
 
@@ -177,13 +182,7 @@ def check_zero_delta_fp32(args, results):
             on_cpu = copy.deepcopy(generator).cpu().generate().detach().double()
         results[f"generator_device_vs_cpu_max_abs_{arch}"] = float((on_device - on_cpu).abs().max())
         results[f"zero_delta_fp32_lora_B_max_abs_{arch}"] = lora_b_max(model)
-        ok, diff = adapter_vs_base(model, ids, None, train=True, grad=True)
-        ok_eval, diff_eval = adapter_vs_base(model, ids, None, train=False, grad=False)
-        results[f"zero_delta_fp32_{arch}"] = ok
-        results[f"zero_delta_fp32_max_abs_diff_{arch}"] = diff
-        results[f"zero_delta_fp32_eval_{arch}"] = ok_eval
-        results[f"zero_delta_fp32_eval_max_abs_diff_{arch}"] = diff_eval
-        ok_all &= ok and ok_eval
+        ok_all &= record_zero_delta(results, "zero_delta_fp32", arch, model, ids)
     results["checks"]["zero_delta_fp32"] = ok_all
 
 
@@ -195,13 +194,7 @@ def check_to_bf16(args, results):
         ids = batch(args.device)
         results[f"to_bf16_generator_dtype_{arch}"] = str(generator_of(model).angles.dtype)
         results[f"to_bf16_lora_B_max_abs_{arch}"] = lora_b_max(model)
-        ok, diff = adapter_vs_base(model, ids, None, train=True, grad=True)
-        ok_eval, diff_eval = adapter_vs_base(model, ids, None, train=False, grad=False)
-        results[f"zero_delta_after_to_bf16_{arch}"] = ok
-        results[f"zero_delta_after_to_bf16_max_abs_diff_{arch}"] = diff
-        results[f"zero_delta_after_to_bf16_eval_{arch}"] = ok_eval
-        results[f"zero_delta_after_to_bf16_eval_max_abs_diff_{arch}"] = diff_eval
-        ok_all &= ok and ok_eval
+        ok_all &= record_zero_delta(results, "zero_delta_after_to_bf16", arch, model, ids)
     results["checks"]["zero_delta_after_to_bf16"] = ok_all
 
 

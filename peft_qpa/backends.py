@@ -15,14 +15,9 @@ def shots_for(config: QPAConfig, n_qubits: int) -> int:
     Raises ``ValueError`` (naming the field and N) if one Aer job of that many shots would not fit the
     memory budget (see ``docs/config.md``, "Memory caps"): ``shots_per_state`` is only turned into a
     number of shots here, once N is known."""
-    from .aer import _check_shots
+    from .aer import resolve_shots
 
-    if config.shots is not None:
-        _check_shots(config.shots)
-        return config.shots
-    shots = config.shots_per_state * 2**n_qubits
-    _check_shots(shots, "shots_per_state", n_qubits)
-    return shots
+    return resolve_shots(config.shots, config.shots_per_state, n_qubits)
 
 
 def check_generator_memory(config: QPAConfig, num_generated: int) -> None:

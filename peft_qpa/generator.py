@@ -269,14 +269,21 @@ class QPAGenerator(nn.Module):
         gradient is pushed through the generator (graph retained) at the end of each nested backward.
         """
         if not self._needs_grad():
-            # Layers read the snapshot. Live tensors of an earlier forward are kept: its backward may still
-            # recompute checkpointed layers with them (e.g. TRL's DPO runs a no-grad reference forward, adapter
-            # disabled, between the policy's forward and backward).
+            # Layers read the snapshot, checked once here for all of them (until end_forward). Live tensors of an
+            # earlier forward are kept: its backward may still recompute checkpointed layers with them (e.g. TRL's
+            # DPO runs a no-grad reference forward, adapter disabled, between the policy's forward and backward).
+            self.refresh_snapshot()
+            self._snapshot_checked = self._versions()
             return
         self._make_live(advance=training, reentrant_checkpointing=reentrant_checkpointing)
 
     def end_forward(self) -> None:
-        """Drop the live tensors (the adapter is merged or disabled: its layers do not read them)."""
+        """Called at the end of every forward of the whole model: a layer called on its own afterwards checks the
+        snapshot again."""
+        self._snapshot_checked = None
+
+    def drop_live(self) -> None:
+        """Release the live tensors and their graph (the adapter is being deleted)."""
         self._live = None
 
     def _make_live(self, advance: bool, reentrant_checkpointing: bool = False) -> None:
@@ -311,7 +318,8 @@ class QPAGenerator(nn.Module):
         has consumed their graph; otherwise (a layer or submodule called on its own, outside a whole-model
         forward) they are generated anew, once for all layers of that call."""
         if not self._needs_grad():
-            self.refresh_snapshot()
+            if getattr(self, "_snapshot_checked", None) != self._versions():
+                self.refresh_snapshot()
             return None
         live = getattr(self, "_live", None)
         if live is not None and not self._live_consumed and self._live_versions == self._versions():

@@ -99,6 +99,7 @@ class QPAModel(BaseTuner):
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         # Generate once per forward of the whole model, before any (checkpointed) layer runs.
         self._forward_hook_handle = self.model.register_forward_pre_hook(self._begin_forward)
+        self._forward_end_hook_handle = self.model.register_forward_hook(self._end_forward)
         # Make the saved snapshot match the current generator whenever a state dict is taken.
         self.register_state_dict_pre_hook(self._refresh_before_state_dict)
         # After a load, check that the loaded generator reproduces the loaded snapshot.
@@ -210,44 +211,45 @@ class QPAModel(BaseTuner):
         active = [name for name in self.active_adapters if name in generators]
         if not active:
             return
-        disabled, merged = self._layer_states()
+        disabled, merged, reentrant = self._forward_state()
         if disabled:
             return  # the layers read nothing (e.g. a reference-model forward with the adapter disabled)
         training = self.model.training
-        reentrant = False
-        if training and torch.is_grad_enabled():
-            reentrant = self._uses_reentrant_checkpointing()
-            if reentrant:
-                _refuse_distributed_reentrant_checkpointing()
+        reentrant = reentrant and training and torch.is_grad_enabled()
+        if reentrant:
+            _refuse_distributed_reentrant_checkpointing()
         for adapter_name in active:
             # A merged adapter is already in the base weights: its layers read nothing, and drawing new shots or
             # advancing the step here would make unmerge subtract something else.
             if adapter_name not in merged:
                 generators[adapter_name].begin_forward(training=training, reentrant_checkpointing=reentrant)
 
-    def _layer_states(self) -> tuple[bool, set]:
-        """Whether the QPA layers are disabled, and the adapters merged into any layer."""
-        disabled, merged = None, set()
+    def _end_forward(self, module, args, output):
+        for generator in self._generators().values():
+            generator.end_forward()
+
+    def _forward_state(self) -> tuple[bool, set, bool]:
+        """One pass over the model: whether the QPA layers are disabled, the adapters merged into any layer, and
+        whether transformers' gradient (activation) checkpointing is on with ``use_reentrant=True``.
+
+        Checkpointing is read from the checkpointed modules themselves (``gradient_checkpointing`` and the
+        ``_gradient_checkpointing_func`` partial that transformers sets on them), not from the model's deprecated
+        ``is_gradient_checkpointing`` property."""
+        disabled, merged, reentrant = None, set(), None
         for module in self.model.modules():
             if isinstance(module, QPALayer):
                 if disabled is None:
                     disabled = module.disable_adapters
                 merged.update(module.merged_adapters)
-        return bool(disabled), merged
+            elif reentrant is None and getattr(module, "gradient_checkpointing", False) is True:
+                func = getattr(module, "_gradient_checkpointing_func", None)
+                if func is not None:
+                    reentrant = bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+        return bool(disabled), merged, bool(reentrant)
 
     def _uses_reentrant_checkpointing(self) -> bool:
-        """Whether transformers' gradient (activation) checkpointing is on with ``use_reentrant=True``.
-
-        Read from the checkpointed modules themselves (``gradient_checkpointing`` and the
-        ``_gradient_checkpointing_func`` partial that transformers sets on them), not from the model's deprecated
-        ``is_gradient_checkpointing`` property."""
-        for module in self.model.modules():
-            if getattr(module, "gradient_checkpointing", False) is not True:
-                continue
-            func = getattr(module, "_gradient_checkpointing_func", None)
-            if func is not None:
-                return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
-        return False
+        """Whether transformers' gradient checkpointing is on with ``use_reentrant=True``."""
+        return self._forward_state()[2]
 
     def _refresh_before_state_dict(self, module, prefix, keep_vars):
         for generator in self._generators().values():
@@ -323,7 +325,7 @@ class QPAModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         generators = self._generators()
         if adapter_name in generators:
-            generators[adapter_name].end_forward()
+            generators[adapter_name].drop_live()
         super().delete_adapter(adapter_name)
         if adapter_name in generators:
             del generators[adapter_name]
@@ -347,6 +349,7 @@ class QPAModel(BaseTuner):
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         self._forward_hook_handle.remove()
+        self._forward_end_hook_handle.remove()
         return model
 
     # --- state dict -------------------------------------------------------------------------------------
