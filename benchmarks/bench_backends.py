@@ -29,33 +29,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peft_qpa.aer import AerProbabilities  # noqa: E402
-from peft_qpa.circuit import build_ansatz  # noqa: E402
+from peft_qpa.generator.backends.aer import AerProbabilities  # noqa: E402
+from peft_qpa.generator.circuit import build_ansatz  # noqa: E402
 
 
 def torch_backend(circuit):
     """The exact torch statevector simulator (the default backend)."""
-    from peft_qpa.simulator import StatevectorSimulator
+    from peft_qpa.generator.backends.statevector import StatevectorSimulator
 
     return "torch_statevector", StatevectorSimulator(circuit)
 
 
 def configurations(args):
     """(label, kind, options) for every backend configuration to time."""
-    configs = [("torch statevector", "torch", {}), ("aer_statevector (param-shift)", "aer", {"method": "aer_statevector"})]
+    configs = [("torch statevector", "torch", {}), ("aer_statevector (param-shift)", "aer", {"backend": "aer_statevector"})]
     for c in args.shots_per_state:
         for grad in ("exact", "parameter_shift"):
             configs.append((f"aer_shots c={c:g} ({grad})", "aer",
-                            {"method": "aer_shots", "shots_per_state": c, "shot_gradient": grad}))
+                            {"backend": "aer_shots", "shots_per_state": c, "shot_gradient": grad}))
     if args.noise:
         configs.append((f"aer_statevector+{args.noise} (density, param-shift)", "aer",
-                        {"method": "aer_statevector", "noise_model": args.noise, "max_qubits": args.density_max_qubits}))
+                        {"backend": "aer_statevector", "noise_model": args.noise, "max_qubits": args.density_max_qubits}))
         for c in args.shots_per_state:
             configs.append((f"aer_shots c={c:g}+{args.noise} (exact)", "aer",
-                            {"method": "aer_shots", "shots_per_state": c, "shot_gradient": "exact",
+                            {"backend": "aer_shots", "shots_per_state": c, "shot_gradient": "exact",
                              "noise_model": args.noise, "max_qubits": args.noise_max_qubits}))
             configs.append((f"aer_shots c={c:g}+{args.noise} (parameter_shift)", "aer",
-                            {"method": "aer_shots", "shots_per_state": c, "shot_gradient": "parameter_shift",
+                            {"backend": "aer_shots", "shots_per_state": c, "shot_gradient": "parameter_shift",
                              "noise_model": args.noise, "max_qubits": args.noise_shift_max_qubits}))
     return configs
 
@@ -70,11 +70,11 @@ def time_one(label, kind, options, n, args):
         run = lambda a, step: sim(a)  # noqa: E731
         circuits = 1
     else:
-        backend_name = options["method"]
+        backend_name = options["backend"]
         if "shots_per_state" in options:
             shots = int(np.ceil(options["shots_per_state"] * 2**n))
         sim = AerProbabilities(
-            circuit, method=options["method"], shots=shots,
+            circuit, backend=options["backend"], shots=shots,
             shot_gradient=options.get("shot_gradient", "parameter_shift"),
             noise_model=options.get("noise_model"), seed=0,
             max_parallel_threads=args.aer_threads, dtype=torch.float32,
@@ -98,7 +98,7 @@ def time_one(label, kind, options, n, args):
     return {
         "label": label, "backend": backend_name, "n_qubits": n, "depth": args.depth, "ansatz": args.ansatz,
         "n_angles": n_angles, "shots": shots, "shots_per_state": options.get("shots_per_state"),
-        "shot_gradient": options.get("shot_gradient") if options.get("method") == "aer_shots" else None,
+        "shot_gradient": options.get("shot_gradient") if options.get("backend") == "aer_shots" else None,
         "noise_model": options.get("noise_model"), "circuits_per_step": circuits,
         "setup_s": setup_s, "step_s_min": min(times) if times else elapsed,
         "step_s_median": statistics.median(times) if times else elapsed, "repeats": len(times) or 1,

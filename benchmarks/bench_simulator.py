@@ -3,12 +3,12 @@
 For every N (default 8, 10, ..., 20), dtype and variant (``--variants``, default all three) it builds
 ``build_ansatz(N, L)`` and times
 ``p = StatevectorSimulator(circuit, gradient=..., kernel=...)(angles); (p * w).sum().backward()``
-(median over ``--repeats`` after ``--warmup``). The variants (see ``peft_qpa/simulator.py``):
+(median over ``--repeats`` after ``--warmup``). The variants (see ``peft_qpa/generator/backends/statevector.py``):
 ``autograd`` (torch ops, autograd keeps the input of every block matmul), ``adjoint`` (torch ops, the
 adjoint backward keeps only the final state and reconstructs the earlier ones) and ``fused`` (the
-adjoint backward in the compiled CPU kernel of ``peft_qpa/fused_kernel.py``, the simulator's default
+adjoint backward in the compiled CPU kernel of ``peft_qpa/generator/backends/fused_kernel.py``, the simulator's default
 on CPU). Aer statevector with its one-job parameter-shift gradient
-(``peft_qpa.aer.AerProbabilities``, 2P+1 circuits) is timed the same way up to ``--aer-max-qubits``
+(``peft_qpa.generator.backends.aer.AerProbabilities``, 2P+1 circuits) is timed the same way up to ``--aer-max-qubits``
 (default 20) and while one Aer step stays under ``--aer-stop-seconds``; repeats stop once their total
 passes ``--aer-max-seconds`` (a slow N is timed once); larger N are recorded as ``"not run"``
 (nothing is extrapolated).
@@ -51,7 +51,7 @@ slower (spin contention), so 1 is the default; the JSON records threads, load av
 
 CPU contention (``"contention"`` in the JSON; ``--contention-qubits``, default 16 18 20, float32, the
 default simulator): forward+backward with torch's default thread count (``--contention-torch-threads``)
-for the kernel's thread policies ``auto`` (the default, ``peft_qpa.fused_kernel.threads``), ``pool``
+for the kernel's thread policies ``auto`` (the default, ``peft_qpa.generator.backends.fused_kernel.threads``), ``pool``
 (every pass on torch's whole thread pool, the kernel's behaviour before the policy) and ``1``, each
 ``quiet`` and ``contended``: next to ``--contention-procs`` (default 2) busy-loop processes. Quiet and
 contended phases alternate for ``--contention-rounds``; every phase times every policy
@@ -77,15 +77,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from peft_qpa.circuit import build_ansatz  # noqa: E402
-from peft_qpa import fused_kernel  # noqa: E402
-from peft_qpa.simulator import StatevectorSimulator, _PermutationStage, _RotationStage  # noqa: E402
+from peft_qpa.generator.circuit import build_ansatz  # noqa: E402
+from peft_qpa.generator.backends import fused_kernel  # noqa: E402
+from peft_qpa.generator.backends.statevector import StatevectorSimulator, _PermutationStage  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MMAP_THRESHOLD = 65536  # MALLOC_MMAP_THRESHOLD_ of the memory subprocess
@@ -300,11 +299,11 @@ def torch_row(n: int, dtype_name: str, variant: str, args) -> dict:
 
 
 def aer_row(n: int, args) -> dict:
-    from peft_qpa.aer import AerProbabilities
+    from peft_qpa.generator.backends.aer import AerProbabilities
 
     circuit = build_ansatz(n, args.depth, args.ansatz)
     t0 = time.perf_counter()
-    sim = AerProbabilities(circuit, method="aer_statevector", shots=None, shot_gradient="parameter_shift",
+    sim = AerProbabilities(circuit, backend="aer_statevector", shots=None, shot_gradient="parameter_shift",
                            noise_model=None, seed=0, max_parallel_threads=args.threads, dtype=torch.float64)
     setup_s = time.perf_counter() - t0
     angles = torch.rand(circuit.num_parameters, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 * math.pi
@@ -477,7 +476,7 @@ def contention(args) -> dict:
         "torch_threads": args.contention_torch_threads, "busy_processes": args.contention_procs,
         "repeats_per_phase": args.contention_repeats, "rounds": args.contention_rounds,
         "parallel_min_qubits": fused_kernel.PARALLEL_MIN_QUBITS,
-        "policies": {"auto": "peft_qpa.fused_kernel.threads (the default)",
+        "policies": {"auto": "peft_qpa.generator.backends.fused_kernel.threads (the default)",
                      "pool": "every pass on torch's whole thread pool (the kernel before the policy)",
                      "1": "one thread"},
         "timed": "StatevectorSimulator(build_ansatz(N, L))(a).backward(w), float32, "

@@ -1,7 +1,7 @@
 """Learning-rate / chunk-size sweep behind the demo defaults (results: docs/results/demo_lr_sweep.json).
 
 lm_head-only adapters (r = 4, alpha = 8) on SmolLM2-135M-Instruct: 60 AdamW steps x 4 blocks x 128 tokens from
-the Shakespeare training plays, the demo's schedule (``peft_qpa.demo.lr_at``: 5 warm-up steps, cosine to 10 %),
+the Shakespeare training plays, the demo's schedule (``peft_qpa.apps.demo.lr_at``: 5 warm-up steps, cosine to 10 %),
 gradient clipping 1.0; held-out perplexity on 16 evenly spaced 256-token windows of the held-out plays.
 
 Only lm_head is adapted and there is no dropout, so the frozen trunk's final hidden states do not depend on
@@ -37,9 +37,9 @@ import quality  # noqa: E402  (puts the repository root on sys.path; the cached-
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import peft_qpa  # noqa: E402
-from peft_qpa import assets  # noqa: E402
-from peft_qpa.demo import evenly_spaced_windows, lr_at  # noqa: E402
-from peft_qpa.evaluation import tokenize_and_group  # noqa: E402
+from peft_qpa.apps import assets  # noqa: E402
+from peft_qpa.apps.demo import evenly_spaced_windows, lr_at  # noqa: E402
+from peft_qpa.apps.evaluation import tokenize_and_group  # noqa: E402
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "demo_lr_sweep.json"
 STEPS, BATCH, BLOCK, EVAL_BLOCK, EVAL_TOKENS, WARMUP = 60, 4, 128, 256, 4096, 5

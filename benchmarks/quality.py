@@ -11,12 +11,12 @@ Two suites share one harness:
   and without generative interpolation (GI), and c = 20 on the ``fake_kyiv`` noise model (with and without
   GI); straight-through (``shot_gradient="exact"``) gradients. Writes ``backend_quality.json``/``.png``.
 
-Data: the Shakespeare plays split by play (``peft_qpa.assets.split_plays``); ``--steps`` x ``--batch-size``
+Data: the Shakespeare plays split by play (``peft_qpa.apps.assets.split_plays``); ``--steps`` x ``--batch-size``
 training blocks of ``--block-size`` tokens, drawn once with a fixed seed and identical for every run (one
 pass, no repeats); held-out perplexity on ``--eval-tokens`` tokens in ``--eval-block-size`` windows evenly
-spaced over the held-out plays (``peft_qpa.demo.evenly_spaced_windows``), scored by the one perplexity
-implementation, ``peft_qpa.evaluation.perplexity`` (token-weighted mean NLL). Optimiser: AdamW, no weight
-decay, 5 warm-up steps then cosine to 10 % (``peft_qpa.demo.lr_at``), gradient clipping 1.0.
+spaced over the held-out plays (``peft_qpa.apps.demo.evenly_spaced_windows``), scored by the one perplexity
+implementation, ``peft_qpa.apps.evaluation.perplexity`` (token-weighted mean NLL). Optimiser: AdamW, no weight
+decay, 5 warm-up steps then cosine to 10 % (``peft_qpa.apps.demo.lr_at``), gradient clipping 1.0.
 
 Speed trick (exact, not an approximation): every method adapts only ``lm_head`` and uses no dropout, so the
 frozen decoder's final hidden states do not depend on the adapter. They are computed once per (model,
@@ -60,8 +60,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import peft_qpa  # noqa: E402  (registers QPA)
-from peft_qpa.demo import evenly_spaced_windows, lr_at  # noqa: E402
-from peft_qpa.evaluation import perplexity, tokenize_and_group  # noqa: E402
+from peft_qpa.apps.demo import evenly_spaced_windows, lr_at  # noqa: E402
+from peft_qpa.apps.evaluation import perplexity, tokenize_and_group  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = "lm_head"
@@ -281,7 +281,7 @@ class Task:
 
 
 def load_task(args) -> Task:
-    from peft_qpa import assets
+    from peft_qpa.apps import assets
 
     loaded = assets.load_model_and_tokenizer(args.model, cache=args.cache_dir, progress=not args.no_progress)
     model, tok = loaded.model, loaded.tokenizer
@@ -587,7 +587,7 @@ def parse_args(argv=None):
     if args.output is None:
         args.output = RESULTS / ("quality.json" if args.suite == "methods" else "backend_quality.json")
     if args.hidden_cache is None:
-        from peft_qpa.assets import cache_dir
+        from peft_qpa.apps.assets import cache_dir
 
         args.hidden_cache = str(cache_dir(args.cache_dir) / "hidden_states")
     return args

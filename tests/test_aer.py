@@ -11,7 +11,7 @@ from qiskit_aer import AerSimulator
 from qiskit_aer.noise import NoiseModel, ReadoutError, depolarizing_error
 from scipy import stats
 
-from peft_qpa.aer import (
+from peft_qpa.generator.backends.aer import (
     MAX_DENSITY_MATRIX_QUBITS,
     AerProbabilities,
     _exact_simulator,
@@ -24,14 +24,14 @@ from peft_qpa.aer import (
     noise_model_to_json,
     resolve_shots,
 )
-from peft_qpa.circuit import build_ansatz
+from peft_qpa.generator.circuit import build_ansatz
 
 N, L = 4, 3  # small on purpose: the whole file must stay fast on 2 cores
 
 
-def make(circuit, method="aer_statevector", shots=None, shot_gradient="parameter_shift", noise_model=None, seed=0):
+def make(circuit, backend="aer_statevector", shots=None, shot_gradient="parameter_shift", noise_model=None, seed=0):
     return AerProbabilities(
-        circuit, method=method, shots=shots, shot_gradient=shot_gradient, noise_model=noise_model,
+        circuit, backend=backend, shots=shots, shot_gradient=shot_gradient, noise_model=noise_model,
         seed=seed, dtype=torch.float64,
     )
 
@@ -77,7 +77,7 @@ def test_statevector_probabilities_match_qiskit(circuit):
 
 def test_float32_output():
     qc = build_ansatz(N, L)
-    m = AerProbabilities(qc, method="aer_statevector", shots=None, shot_gradient="parameter_shift",
+    m = AerProbabilities(qc, backend="aer_statevector", shots=None, shot_gradient="parameter_shift",
                          noise_model=None, seed=0)
     probs, _ = m(angles(qc.num_parameters).float(), 0)
     assert probs.dtype == torch.float32
@@ -219,7 +219,7 @@ def test_other_errors():
         make(qc, "aer_shots", shots=10, noise_model="fake_nowhere")
     with pytest.raises(ValueError, match="aer_shots"):
         make(qc, "aer_statevector", shots=10)
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="backend"):
         make(qc, "qpu")
     with pytest.raises(ValueError, match="shot_gradient"):
         make(qc, shot_gradient="spsa")

@@ -42,7 +42,7 @@ TINY_CONTENTION = ["--contention-qubits", "8", "--contention-repeats", "2", "--c
 def _check_contention(result, command_start):
     import torch
 
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     assert torch.get_num_threads() == 1  # the scenario's torch threads are not left behind
     if fused_kernel.load() is None:
@@ -87,7 +87,7 @@ def test_bench_simulator_schema(tmp_path):
     assert meta["copy_bandwidth_bytes_per_s"] > 0
     rows = payload["results"]
     torch_rows = [r for r in rows if r["backend"] == "torch_statevector"]
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     variants = ["autograd", "adjoint"] + (["fused"] if fused_kernel.load() is not None else [])
     assert meta["fused_kernel"]["available"] == ("fused" in variants)

@@ -10,11 +10,13 @@ import torch
 from peft import get_peft_model
 
 import peft_qpa
-from peft_qpa import config as config_module
-from peft_qpa.aer import AerProbabilities, available_fake_backends, resolve_shots
-from peft_qpa.backends import check_generator_memory, shots_for
-from peft_qpa.circuit import build_ansatz
-from peft_qpa.config import AER_BYTES_PER_SHOT, MEMORY_BUDGET_ENV, SEED_MAX, QPAConfig
+from peft_qpa.generator import memory as config_module
+from peft_qpa.generator.backends.aer import AerProbabilities, available_fake_backends, resolve_shots
+from peft_qpa.generator.backends import check_generator_memory
+from peft_qpa.generator.circuit import build_ansatz
+from peft_qpa import QPAConfig
+from peft_qpa.generator.config import SEED_MAX
+from peft_qpa.generator.memory import AER_BYTES_PER_SHOT, MEMORY_BUDGET_ENV
 
 from tiny_models import MODEL_FACTORIES, TARGETS
 
@@ -161,7 +163,7 @@ def test_seed_range_is_accepted_by_every_consumer():
     noise = NoiseModel(basis_gates=["ry", "cx"])
     noise.add_all_qubit_quantum_error(depolarizing_error(0.01, 1), ["ry"])
     qc = build_ansatz(2, 1)
-    module = AerProbabilities(qc, method="aer_shots", shots=50, shot_gradient="exact", noise_model=noise, seed=SEED_MAX)
+    module = AerProbabilities(qc, backend="aer_shots", shots=50, shot_gradient="exact", noise_model=noise, seed=SEED_MAX)
     probs, counts = module(torch.zeros(qc.num_parameters), 3)
     assert int(counts.sum()) == 50
     # ... and Aer's seed_simulator itself stops at int64, which is why the range ends at 2**63 - 1
@@ -177,7 +179,7 @@ def test_seed_range_is_accepted_by_every_consumer():
 @pytest.mark.parametrize("seed", [-1, SEED_MAX + 1])
 def test_aer_module_refuses_the_same_seeds(seed):
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63 - 1\]"):
-        AerProbabilities(build_ansatz(2, 1), method="aer_statevector", shots=None, shot_gradient="exact",
+        AerProbabilities(build_ansatz(2, 1), backend="aer_statevector", shots=None, shot_gradient="exact",
                          noise_model=None, seed=seed)
 
 
@@ -190,7 +192,7 @@ def test_unknown_noise_model_name_is_refused_at_config_time_with_the_valid_names
 
 
 def test_noise_model_name_is_checked_without_building_the_device(monkeypatch):
-    import peft_qpa.aer as aer
+    import peft_qpa.generator.backends.aer as aer
 
     def do_not_build(name):
         raise AssertionError("the config check must not instantiate the fake device")
@@ -336,9 +338,9 @@ def test_bad_budget_variable_is_named(budget_gb, value):
 def test_shots_per_state_is_checked_once_n_is_known(budget_gb):
     budget_gb(1e-4)  # 100 kB: the config (N >= 1: 40 shots) fits, 20 * 2^12 shots (10 MB) do not
     cfg = QPAConfig(**SMALL, backend="aer_shots", shots_per_state=20)
-    assert shots_for(cfg, 2) == 80
+    assert resolve_shots(cfg.shots, cfg.shots_per_state, 2) == 80
     with pytest.raises(ValueError, match=r"shots_per_state at N = 12 qubits \(81920 shots\) needs about 10.5 MB"):
-        shots_for(cfg, 12)
+        resolve_shots(cfg.shots, cfg.shots_per_state, 12)
     with pytest.raises(ValueError, match=r"shots_per_state"):
         check_generator_memory(cfg, num_generated=8 * 2**12)
     with pytest.raises(ValueError, match=r"shots_per_state at N = 12"):
@@ -349,11 +351,11 @@ def test_aer_module_refuses_too_many_shots_before_running(budget_gb, monkeypatch
     budget_gb(1e-3)
     qc = build_ansatz(2, 1)
     with pytest.raises(ValueError, match=r"shots needs about 128 MB .* Lower shots: at most 7812 shots fit"):
-        AerProbabilities(qc, method="aer_shots", shots=10**6, shot_gradient="exact", noise_model=None, seed=0)
+        AerProbabilities(qc, backend="aer_shots", shots=10**6, shot_gradient="exact", noise_model=None, seed=0)
 
 
 def test_get_peft_model_refuses_shots_per_state_before_running_aer(budget_gb, monkeypatch):
-    import peft_qpa.aer as aer
+    import peft_qpa.generator.backends.aer as aer
 
     budget_gb(2e-4)
     ran = []

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from peft_qpa import assets  # noqa: E402
+from peft_qpa.apps import assets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_demo_cli_end_to_end(tiny, tmp_path):
     model_dir, train, held = tiny
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "peft_qpa.demo", "--model", str(model_dir), "--train-file", str(train), "--eval-file", str(held),
+        sys.executable, "-m", "peft_qpa.apps.demo", "--model", str(model_dir), "--train-file", str(train), "--eval-file", str(held),
         "--max-steps", "3", "--batch-size", "2", "--block-size", "16", "--eval-block-size", "32", "--eval-tokens", "256",
         "--chunk-size", "16", "--qnn-depth", "2", "--lr", "1e-2", "--output-dir", str(out), "--no-progress",
     ]
@@ -86,7 +86,7 @@ def test_fetch_failure_says_how_to_use_local_files(tmp_path, monkeypatch):
     assert "--model" in msg and "--train-file" in msg and "--eval-file" in msg
     assert str(tmp_path / "cache" / "downloads") in msg
 
-    from peft_qpa import demo
+    from peft_qpa.apps import demo
 
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--output-dir", str(tmp_path / "out"), "--no-progress"])
@@ -208,7 +208,7 @@ def test_as_float_model_drops_the_gguf_quantizer(tiny_gguf):
     ],
 )
 def test_demo_numeric_flags_are_validated(flag, value, allowed, tmp_path, capsys):
-    from peft_qpa import demo
+    from peft_qpa.apps import demo
 
     with pytest.raises(SystemExit) as exit_info:
         demo.main([flag, value, "--output-dir", str(tmp_path / "out"), "--no-progress"])
@@ -219,7 +219,7 @@ def test_demo_numeric_flags_are_validated(flag, value, allowed, tmp_path, capsys
 
 
 def test_demo_shots_flags_go_together(tmp_path, capsys):
-    from peft_qpa import demo
+    from peft_qpa.apps import demo
 
     for argv, flag in ((["--backend", "aer_shots"], "--backend"), (["--shots-per-state", "20"], "--shots-per-state")):
         with pytest.raises(SystemExit) as exit_info:
@@ -247,7 +247,7 @@ def test_demo_explains_tied_embeddings_once(tiny, tmp_path, capsys):
     reload); the demo now prints one note of its own and lets no copy of PEFT's warning through."""
     import warnings
 
-    from peft_qpa import demo
+    from peft_qpa.apps import demo
 
     model_dir, train, held = tiny
     tied = _tied_tiny_model(model_dir, tmp_path / "tied")

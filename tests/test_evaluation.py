@@ -1,4 +1,4 @@
-"""peft_qpa.evaluation: token-weighted perplexity checked against hand-computed values."""
+"""peft_qpa.apps.evaluation: token-weighted perplexity checked against hand-computed values."""
 
 import math
 import os
@@ -10,7 +10,7 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from peft_qpa.evaluation import (  # noqa: E402
+from peft_qpa.apps.evaluation import (  # noqa: E402
     IGNORE_INDEX,
     group_texts,
     perplexity,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from qiskit.quantum_info import Statevector
 
-from peft_qpa.generator import QPAGenerator, TensorSpec, basis_bits
+from peft_qpa.generator.generator import QPAGenerator, TensorSpec, basis_bits
 
 
 def make_generator(**overrides):
@@ -103,7 +103,7 @@ def test_mapping_activations_are_recomputed_not_kept(monkeypatch):
     g = make_generator(hidden_sizes=(64, 64, 64), chunk_size=4, specs=[TensorSpec("a", (4, 200), "kaiming_uniform")])
     activations = g.n_chunks * (3 * 64)
     recomputed_numel, recomputed_grads = _saved_numel_and_grads(g)
-    import peft_qpa.generator as generator_module
+    import peft_qpa.generator.generator as generator_module
 
     monkeypatch.setattr(generator_module, "checkpoint", lambda fn, *args, **kwargs: fn(*args))  # keep them
     kept_numel, kept_grads = _saved_numel_and_grads(g)
@@ -147,6 +147,6 @@ def test_too_many_qubits_is_refused_with_advice():
 
 def test_summary_reports_the_facts():
     g = make_generator()
-    text = g.summary(lora_parameters=280)
+    text = g.summary(280, "LoRA with the same r and targets")
     assert "qubits N: 6" in text and "depth L: 3" in text and "generated numbers M: 280" in text
     assert f"trainable total: {g.num_trainable()}" in text and "ratio to LoRA" in text

@@ -14,7 +14,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import peft_qpa
-from peft_qpa.layer import QPALayer
+from peft_qpa.tuners.lora.layer import QPALayer
 
 from tiny_models import MODEL_FACTORIES, small_config, train_steps
 
@@ -234,7 +234,7 @@ def test_delete_adapter_frees_its_generator(input_ids):
     gc.collect()
     assert ref() is None
     for _, layer in qpa_layers(model):
-        assert "other" not in layer._qpa_generators and "other" not in layer._qpa_module_name
+        assert "other" not in layer._qpa_generators and "other" not in layer._qpa_tensor_names
 
 
 def test_a_qpa_model_can_be_pickled(input_ids):
@@ -354,7 +354,7 @@ def test_no_future_warning_from_the_checkpointing_check(input_ids, use_reentrant
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         model(input_ids, labels=input_ids).loss.backward()
-    assert model.base_model._uses_reentrant_checkpointing() is use_reentrant
+    assert model.base_model._forward_state()[2] is use_reentrant
 
 
 def test_get_peft_model_checks_the_generators_memory_before_building_it(monkeypatch):

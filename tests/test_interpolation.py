@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from peft_qpa.aer import AerProbabilities
-from peft_qpa.circuit import build_ansatz
-from peft_qpa.interpolation import GenerativeInterpolation
+from peft_qpa.generator.backends.aer import AerProbabilities
+from peft_qpa.generator.circuit import build_ansatz
+from peft_qpa.generator.interpolation import GenerativeInterpolation
 
 N = 5
 
@@ -93,7 +93,7 @@ def test_seeded_and_saves_loads():
 
 def test_with_aer_shots_end_to_end():
     qc = build_ansatz(N, 2)
-    aer = AerProbabilities(qc, method="aer_shots", shots=2**N, shot_gradient="exact", noise_model=None, seed=0)
+    aer = AerProbabilities(qc, backend="aer_shots", shots=2**N, shot_gradient="exact", noise_model=None, seed=0)
     gi = GenerativeInterpolation(N, [16], seed=0)
     theta = torch.rand(qc.num_parameters, requires_grad=True)
     probs, counts = aer(theta, step=0)

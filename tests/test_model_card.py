@@ -29,7 +29,7 @@ def test_save_pretrained_writes_a_qpa_model_card(tmp_path):
     assert text.count("## Quantum Parameter Adaptation (QPA)") == 1
     assert f"| qubits | {generator.n_qubits} |" in text
     assert f"| trainable parameters | {generator.num_trainable():,} |" in text
-    assert f"| plain LoRA with the same r and targets | {generator.num_generated:,} |" in text
+    assert f"| LoRA with the same r and targets | {generator.num_generated:,} |" in text
     assert "| backend | statevector (exact probabilities) |" in text
     assert "import peft_qpa" in text and "export_lora" in text
     # names the method's paper; links only to what exists (peft-qpa has no PyPI project)

@@ -1,7 +1,7 @@
 """The sdist and the wheel ship the fused kernel's source, and the kernel loads from an installed wheel.
 
 Outside an editable install the package's own files are all the simulator has: without
-``peft_qpa/csrc/ry_layers.cpp`` in the wheel it would silently fall back to its 5-12x slower torch path.
+``peft_qpa/generator/backends/csrc/ry_layers.cpp`` in the wheel it would silently fall back to its 5-12x slower torch path.
 The project is built the way ``python -m build`` does it (the sdist from a clean copy of the checkout,
 the wheel from the unpacked sdist), offline and without build isolation; the wheel is then installed
 into a fresh virtual environment, which borrows this environment's packages (torch and the other
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL = "peft_qpa/csrc/ry_layers.cpp"
+KERNEL = "peft_qpa/generator/backends/csrc/ry_layers.cpp"
 IGNORED = (".git", "__pycache__", "*.pyc", "*.so", "*.egg-info", "build", "dist", ".pytest_cache", ".cache",
            "outputs", "results")
 
@@ -67,7 +67,7 @@ def test_installed_wheel_loads_the_fused_kernel(dists, tmp_path):
     """The wheel, installed into a fresh environment, loads the kernel from its own copy of the source
     (``PEFT_QPA_FUSED_KERNEL=1``: a failed build is an error) and runs it. The build directory is keyed
     by the source's content, so the build this checkout already made is reused (no second compile)."""
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     if fused_kernel.load() is None:
         pytest.skip(f"the fused CPU kernel cannot be built here either: {fused_kernel.error() or 'turned off'}")
@@ -85,9 +85,9 @@ def test_installed_wheel_loads_the_fused_kernel(dists, tmp_path):
           str(wheel)], cwd=tmp_path)
     probe = (
         "import json, torch, peft_qpa\n"
-        "from peft_qpa import fused_kernel\n"
-        "from peft_qpa.circuit import build_ansatz\n"
-        "from peft_qpa.simulator import StatevectorSimulator\n"
+        "from peft_qpa.generator.backends import fused_kernel\n"
+        "from peft_qpa.generator.circuit import build_ansatz\n"
+        "from peft_qpa.generator.backends.statevector import StatevectorSimulator\n"
         "module = fused_kernel.load()\n"
         "angles = torch.linspace(0, 3, build_ansatz(5, 2).num_parameters, dtype=torch.float64)\n"
         "fused = StatevectorSimulator(build_ansatz(5, 2), kernel='fused')(angles)\n"

@@ -94,7 +94,7 @@ def test_backends_suite_end_to_end(bench, tiny, tmp_path):
 
 def test_cached_trunk_matches_full_model(bench, tiny):
     """Training loss and perplexity of a trained QPA head: cached final hidden states == full forward."""
-    from peft_qpa.evaluation import perplexity
+    from peft_qpa.apps.evaluation import perplexity
     from transformers import AutoModelForCausalLM
 
     _, model_dir, _, _ = tiny

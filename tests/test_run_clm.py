@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_clm_qpa.py"
 
-from peft_qpa.demo import DEFAULT_LR  # noqa: E402
+from peft_qpa.apps.demo import DEFAULT_LR  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from qiskit.quantum_info import Statevector
 
-from peft_qpa.circuit import build_ansatz, circuit_parameters, circuit_program, n_qubits_for
-from peft_qpa.simulator import StatevectorSimulator
+from peft_qpa.generator.circuit import build_ansatz, circuit_parameters, circuit_program, n_qubits_for
+from peft_qpa.generator.backends.statevector import StatevectorSimulator
 
 
 def qiskit_probabilities(qc, angles):
@@ -198,12 +198,12 @@ def test_gradient_modes():
 
 
 # --------------------------------------------------------------------------------------------------
-# The fused CPU kernel (peft_qpa/csrc/ry_layers.cpp)
+# The fused CPU kernel (peft_qpa/generator/backends/csrc/ry_layers.cpp)
 # --------------------------------------------------------------------------------------------------
 
 
 def _require_fused_kernel():
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     if fused_kernel.load() is None:
         pytest.skip(f"the fused CPU kernel is unavailable here: {fused_kernel.error() or 'turned off'}")
@@ -235,7 +235,7 @@ def test_fused_kernel_general_cnot_pattern_and_threads(monkeypatch):
     from qiskit import QuantumCircuit
     from qiskit.circuit import ParameterVector
 
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     n = 15
     theta = ParameterVector("θ", 3 * n)
@@ -314,7 +314,7 @@ def test_fused_workspace_never_leaks_into_results():
 
 def test_fused_kernel_refuses_aliased_buffers():
     _require_fused_kernel()
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     module = fused_kernel.load()
     z, mu, out = torch.rand(32), torch.rand(32), torch.empty(32)
@@ -328,7 +328,7 @@ def test_fused_kernel_refuses_aliased_buffers():
 
 
 def test_fused_kernel_unavailable_falls_back_or_errors(monkeypatch):
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     qc = build_ansatz(5, 2)
     angles = torch.rand(qc.num_parameters, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) * 6
@@ -358,7 +358,7 @@ def test_stale_build_lock_is_removed(tmp_path):
     import os
     import time
 
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     lock = tmp_path / "lock"
     lock.touch()
@@ -371,7 +371,7 @@ def test_stale_build_lock_is_removed(tmp_path):
 
 
 def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     directory = fused_kernel.build_directory()
@@ -381,7 +381,7 @@ def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
 def test_build_directory_is_keyed_by_the_source(monkeypatch, tmp_path):
     """Two different sources (two checkouts at different versions) get different build directories
     and module names; the same source, wherever it lies, the same ones."""
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     source = fused_kernel.SOURCE.read_bytes()
@@ -400,7 +400,7 @@ def test_checkouts_of_one_source_share_one_build(monkeypatch, tmp_path):
     other's kernel; a different source gets its own."""
     import torch.utils.cpp_extension
 
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     calls = []
 
@@ -433,7 +433,7 @@ def test_checkouts_of_one_source_share_one_build(monkeypatch, tmp_path):
 def test_kernel_threads_policy(monkeypatch):
     """One thread below PARALLEL_MIN_QUBITS and wherever fewer than two CPUs are idle; the idle CPUs (at
     most torch's count) above; PEFT_QPA_KERNEL_THREADS fixes the count (at most torch's)."""
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     threads = torch.get_num_threads()
     big, small = fused_kernel.PARALLEL_MIN_QUBITS, fused_kernel.PARALLEL_MIN_QUBITS - 1
@@ -473,7 +473,7 @@ def test_busy_processes_leave_no_idle_cpu():
     import sys
     import time
 
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     if not Path("/proc/loadavg").exists():
         pytest.skip("needs Linux /proc")
@@ -502,8 +502,8 @@ def test_busy_processes_leave_no_idle_cpu():
 SERIAL_PROBE = """
 import os, sys, torch
 torch.set_num_threads(2)
-from peft_qpa.circuit import build_ansatz
-from peft_qpa.simulator import StatevectorSimulator
+from peft_qpa.generator.circuit import build_ansatz
+from peft_qpa.generator.backends.statevector import StatevectorSimulator
 def threads_of_this_process():
     return len(os.listdir("/proc/self/task"))
 before = threads_of_this_process()
@@ -530,7 +530,7 @@ def test_one_kernel_thread_starts_no_thread_team():
     import sys
 
     _require_fused_kernel()
-    from peft_qpa import fused_kernel
+    from peft_qpa.generator.backends import fused_kernel
 
     if not Path("/proc/self/task").exists():
         pytest.skip("needs Linux /proc")

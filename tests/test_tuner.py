@@ -13,9 +13,9 @@ from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
 
 import peft_qpa
-from peft_qpa.layer import QPALayer
+from peft_qpa.tuners.lora.layer import QPALayer
 
-from tiny_models import MODEL_FACTORIES, TARGETS, small_config, train_steps
+from tiny_models import MODEL_FACTORIES, small_config, train_steps
 
 
 def adapted(arch, **overrides):
@@ -40,7 +40,7 @@ def test_registered_with_peft():
 
 
 def test_importing_twice_is_harmless():
-    importlib.reload(peft_qpa.registration)
+    importlib.reload(peft_qpa.peft_types)
     peft_qpa.register_qpa()
     peft_qpa.register_qpa()
     assert list(PeftType).count(PeftType.QPA) == 1

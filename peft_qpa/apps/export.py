@@ -10,8 +10,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .layer import QPALayer
-from .saving import staged_directory
+from ..tuners.lora.layer import QPALayer
+from ..tuners.saving import staged_directory
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -34,7 +34,7 @@ def export_lora(peft_model, save_directory: str, adapter_name: str = "default") 
     state_dict = {}
     target_modules = []
     for name, module in tuner.model.named_modules():
-        if not isinstance(module, QPALayer) or adapter_name not in module.qpa_lora_A:
+        if not isinstance(module, QPALayer) or not module.has_qpa_adapter(adapter_name):
             continue
         target_modules.append(name)
         key = f"base_model.model.{name}"

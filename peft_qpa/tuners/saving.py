@@ -97,10 +97,10 @@ def staged_directory(save_directory):
 
 
 def _has_qpa_adapter(peft_model) -> bool:
-    from .registration import PEFT_TYPE_NAME
+    from ..peft_types import QPA, QT
 
     configs = getattr(peft_model, "peft_config", {}) or {}
-    return any(getattr(config, "peft_type", None) == PEFT_TYPE_NAME for config in configs.values())
+    return any(getattr(config, "peft_type", None) in (QPA, QT) for config in configs.values())
 
 
 def install_staged_save() -> None:

@@ -19,8 +19,8 @@ angles and hidden layers without gradient at the first step.
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -31,8 +31,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .circuit import build_ansatz, circuit_parameters, n_qubits_for
+from .config import ACTIVATIONS, GeneratorConfig
 
 ACTIVATION_CLASSES = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+assert set(ACTIVATION_CLASSES) == set(ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class QPAGenerator(nn.Module):
         make_backend: optional callable ``circuit -> (backend, interpolation or None)``: ``backend`` maps
             ``(angles, step)`` to ``(probs, counts or None)``; ``interpolation`` maps ``(probs, counts)`` to
             probs (generative interpolation). The exact torch statevector simulator when None.
+            :meth:`from_config` builds the backend a :class:`GeneratorConfig` names.
         init_weights: start from the specs' init (True) or from the raw generator output (False).
         seed: seeds angles, MLP and the specs' random inits.
     """
@@ -127,11 +130,12 @@ class QPAGenerator(nn.Module):
         self.depth = depth
         self.ansatz = ansatz
         self.prob_gamma, self.prob_beta, self.prob_alpha, self.prob_eps = prob_gamma, prob_beta, prob_alpha, prob_eps
-        self.quantum_circuit = build_ansatz(self.n_qubits, depth, ansatz)
+        # The circuit, defined once in Qiskit terms; every backend runs this definition.
+        self._circuit = build_ansatz(self.n_qubits, depth, ansatz)
 
         rng = torch.Generator().manual_seed(seed)
         # Circuit angles, uniform in [0, 2π): a random product-of-rotations start, no basis state favoured.
-        self.angles = nn.Parameter(torch.rand(self.quantum_circuit.num_parameters, generator=rng, dtype=dtype) * 2 * math.pi)
+        self.angles = nn.Parameter(torch.rand(self._circuit.num_parameters, generator=rng, dtype=dtype) * 2 * math.pi)
         layers: list[nn.Module] = []
         width = self.n_qubits + 1
         for hidden in hidden_sizes:
@@ -146,12 +150,12 @@ class QPAGenerator(nn.Module):
                     layer.reset_parameters()
 
         if make_backend is None:
-            from .simulator import StatevectorSimulator
+            from .backends import ExactBackend
 
-            probability_backend, interpolation = _ExactBackend(StatevectorSimulator(self.quantum_circuit)), None
+            backend, interpolation = ExactBackend(self._circuit), None
         else:
-            probability_backend, interpolation = make_backend(self.quantum_circuit)
-        self.probability_backend = probability_backend
+            backend, interpolation = make_backend(self._circuit)
+        self.backend = backend
         self.interpolation = interpolation
         # Row i of the mapping input: the ±1 bits of basis state i (only the first n_chunks states are used).
         self.register_buffer("basis_bits", basis_bits(self.n_chunks, self.n_qubits).to(dtype), persistent=False)
@@ -163,6 +167,34 @@ class QPAGenerator(nn.Module):
                 init = torch.cat([_init_tensor(s, rng, dtype).reshape(-1) for s in self.specs])
                 self.offset.copy_(init - self._raw_output(step=0))
 
+    @classmethod
+    def from_config(cls, config: GeneratorConfig, specs: list[TensorSpec], init_weights: bool = True) -> "QPAGenerator":
+        """The generator that ``config`` describes, filling ``specs`` (on the CPU; move it with ``.to``).
+
+        Checks first, before anything is allocated, that it fits the memory budget (``ValueError`` naming the
+        field to lower; see ``docs/config.md``, "Memory caps")."""
+        from .backends import check_generator_memory, make_backend
+
+        check_generator_memory(config, sum(s.numel for s in specs))
+        dtype = torch.float64 if config.simulator_dtype == "float64" else torch.float32
+        return cls(
+            specs,
+            depth=config.qnn_depth,
+            chunk_size=config.chunk_size,
+            ansatz=config.ansatz,
+            hidden_sizes=tuple(config.mapping_hidden_sizes),
+            activation=config.mapping_activation,
+            prob_gamma=config.prob_gamma,
+            prob_beta=config.prob_beta,
+            prob_alpha=config.prob_alpha,
+            prob_eps=config.prob_eps,
+            max_qubits=config.max_qubits,
+            dtype=dtype,
+            init_weights=init_weights,
+            seed=config.seed,
+            make_backend=functools.partial(make_backend, config, dtype=dtype),
+        )
+
     # --- the pipeline -------------------------------------------------------------------------------
     def probabilities(self, step: Optional[int] = None) -> torch.Tensor:
         """The 2^N basis-state probabilities the generator maps (after interpolation, if any)."""
@@ -172,7 +204,7 @@ class QPAGenerator(nn.Module):
             # A generator cast to half precision (autocast_adapter_dtype=False) still simulates in float32:
             # complex half amplitudes are barely supported and 2^N probabilities need the precision.
             angles = angles.float()
-        probs, counts = self.probability_backend(angles, step)
+        probs, counts = self.backend(angles, step)
         if self.interpolation is not None and counts is not None:
             probs = self.interpolation(probs, counts)
         return probs
@@ -413,19 +445,20 @@ class QPAGenerator(nn.Module):
             self.offset.copy_(current.to(self.offset.device, self.offset.dtype) - self._raw_output(int(self.step)))
         return result
 
-    def cast_(self, dtype: torch.dtype) -> "QPAGenerator":
-        """Move parameters and buffers to ``dtype`` in place, keeping the generated tensors (see ``_apply``)."""
-        return self.to(dtype)
-
-    def circuit(self):
-        """The Qiskit circuit with the current angles bound (drawable: ``.circuit().draw()``)."""
+    def circuit(self, bound: bool = True):
+        """The Qiskit circuit: with the current angles bound (drawable: ``.circuit().draw()``), or with
+        ``bound=False`` its parameterized definition, which every backend runs."""
+        if not bound:
+            return self._circuit
         values = self.angles.detach().cpu().double().tolist()
-        return self.quantum_circuit.assign_parameters(dict(zip(circuit_parameters(self.quantum_circuit), values)))
+        return self._circuit.assign_parameters(dict(zip(circuit_parameters(self._circuit), values)))
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def summary(self, lora_parameters: Optional[int] = None) -> str:
+    def summary(self, classical_parameters: Optional[int] = None, classical_name: str = "the classical twin") -> str:
+        """Qubits, depth, M, the trainable parameters by part, and their ratio to ``classical_parameters`` (the
+        parameters of ``classical_name``, the generated tensors trained directly)."""
         circuit_params = self.angles.numel()
         mlp_params = sum(p.numel() for p in self.mapping.parameters())
         gi_params = sum(p.numel() for p in self.interpolation.parameters()) if self.interpolation is not None else 0
@@ -440,8 +473,10 @@ class QPAGenerator(nn.Module):
         if gi_params:
             lines.append(f"interpolation network parameters: {gi_params}")
         lines.append(f"trainable total: {total}")
-        if lora_parameters:
-            lines.append(f"ratio to LoRA with the same r and targets: {total / lora_parameters:.2%} ({total} / {lora_parameters})")
+        if classical_parameters:
+            lines.append(
+                f"ratio to {classical_name}: {total / classical_parameters:.2%} ({total} / {classical_parameters})"
+            )
         return "\n".join(lines)
 
 
@@ -458,14 +493,3 @@ def _queue_backward(flat: torch.Tensor, grad: torch.Tensor) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(
         lambda: torch.autograd.backward(flat, grad, retain_graph=True)
     )
-
-
-class _ExactBackend(nn.Module):
-    """Adapts the exact simulator to the backend signature ``(angles, step) -> (probs, None)``."""
-
-    def __init__(self, simulator: nn.Module):
-        super().__init__()
-        self.simulator = simulator
-
-    def forward(self, angles: torch.Tensor, step: int):
-        return self.simulator(angles), None

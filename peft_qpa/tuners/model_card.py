@@ -12,11 +12,15 @@ SECTION_START = "<!-- peft-qpa:start -->"
 SECTION_END = "<!-- peft-qpa:end -->"
 
 
-def card_facts(config, generator) -> dict:
-    """What a reader of the card needs to know about an adapter, from its config and generator."""
-    lora = generator.num_generated
+def card_facts(config, generator, classical_parameters: int, tuner=None) -> dict:
+    """What a reader of the card needs to know about an adapter, from its config, generator and tuner (which
+    describes the method: ``card_description`` and ``classical_name``)."""
     trainable = generator.num_trainable()
+    targets = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
     return {
+        "description": tuner.card_description(config, targets) if tuner is not None else f"an adapter (targets: {targets})",
+        "classical_name": getattr(tuner, "classical_name", "the classical twin"),
+        "classical_use": getattr(tuner, "card_classical_use", ""),
         "qubits": generator.n_qubits,
         "depth": config.qnn_depth,
         "ansatz": config.ansatz,
@@ -27,10 +31,8 @@ def card_facts(config, generator) -> dict:
         "noise_model": config.noise_model if isinstance(config.noise_model, (str, type(None))) else "custom NoiseModel",
         "generative_interpolation": config.generative_interpolation,
         "trainable_parameters": trainable,
-        "lora_parameters": lora,
-        "ratio_to_lora": trainable / lora,
-        "r": config.r,
-        "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules,
+        "classical_parameters": classical_parameters,
+        "ratio": trainable / classical_parameters,
     }
 
 
@@ -43,8 +45,8 @@ def _section(facts: dict, base_model: str | None) -> str:
     return f"""{SECTION_START}
 ## Quantum Parameter Adaptation (QPA)
 
-This adapter is a LoRA adapter (r = {facts['r']}, targets: {facts['target_modules']}) whose matrices were
-generated during training by a parameterized quantum circuit and a mapping MLP, with the `peft-qpa` package
+This adapter is {facts['description']}. Its tensors were generated during training by a parameterized
+quantum circuit and a mapping MLP, with the `peft-qpa` package
 (an implementation of Quantum Parameter Adaptation: Liu et al., "A Quantum Circuit-Based Compression
 Perspective for Parameter-Efficient Learning", ICLR 2025, [arXiv:2410.09846](https://arxiv.org/abs/2410.09846)).
 `peft-qpa` is not published on PyPI: install it from its source tree with `pip install .`.
@@ -58,8 +60,8 @@ Perspective for Parameter-Efficient Learning", ICLR 2025, [arXiv:2410.09846](htt
 | noise model | {noise} |
 | generative interpolation | {facts['generative_interpolation']} |
 | trainable parameters | {facts['trainable_parameters']:,} |
-| plain LoRA with the same r and targets | {facts['lora_parameters']:,} |
-| ratio to LoRA | {facts['ratio_to_lora']:.2%} |
+| {facts['classical_name']} | {facts['classical_parameters']:,} |
+| ratio | {facts['ratio']:.2%} |
 
 ### How to load
 
@@ -73,9 +75,7 @@ from transformers import AutoModelForCausalLM
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "THIS_REPO")
 ```
 
-Without any quantum software: export the generated matrices once with
-`peft_qpa.export_lora(model, "lora-twin")`; the result is a standard LoRA adapter that plain `peft` loads
-with `PeftModel.from_pretrained`.
+{facts['classical_use']}
 {SECTION_END}"""
 
 

@@ -33,8 +33,8 @@ import torch
 from transformers.utils import logging
 
 from . import assets
-from .circuit import ANSATZES
-from .config import BACKENDS, SEED_MAX
+from ..generator.circuit import ANSATZES
+from ..generator.config import BACKENDS, SEED_MAX
 from .evaluation import IGNORE_INDEX, perplexity, tokenize_and_group
 
 logger = logging.get_logger(__name__)

@@ -4,7 +4,7 @@ A layer holds no trainable parameter. Its ``qpa_lora_A``/``qpa_lora_B`` buffers 
 last generated matrices: they are saved with the adapter (so a reload reproduces outputs exactly and
 ``export_lora`` needs no quantum software) and they serve every forward that needs no gradient while
 the generator's parameters are unchanged. During training each forward uses the generator's live
-output, computed once per forward of the whole model (see :class:`~peft_qpa.model.QPAModel`).
+output, computed once per forward of the whole model (see :class:`~peft_qpa.tuners.base.QPABaseModel`).
 """
 
 from __future__ import annotations
@@ -14,48 +14,27 @@ from typing import Any, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
-from peft.utils import resolve_quantization_backend
+from peft.tuners.tuners_utils import _get_in_out_features, check_adapters_to_merge
 from peft.utils.other import transpose
 from torch import nn
 
-from .generator import TensorSpec
+from ..base import GeneratedTensor, QPABaseLayer
 
 
-class QPALayer(BaseTunerLayer):
-    # No per-layer trainable weights: the trainable state lives in the tuner's shared generator.
-    adapter_layer_names: tuple[str, ...] = ()
-    # Per-adapter state that delete_adapter must drop too (the generator reference, the layer's name in it,
-    # and the matrices a merge added to the base weight).
-    other_param_names = (
-        "qpa_lora_A", "qpa_lora_B", "qpa_dropout", "r", "lora_alpha", "scaling",
-        "_qpa_generators", "_qpa_module_name", "_qpa_merged",
-    )
+class QPALayer(QPABaseLayer):
+    """A LoRA layer (A: r x in, B: out x r) whose A and B are generated."""
+
+    other_param_names = QPABaseLayer.GENERIC_STATE + ("qpa_lora_A", "qpa_lora_B", "qpa_dropout", "r", "lora_alpha", "scaling")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
-        self.base_layer = base_layer
-        # Quantized base layers (bitsandbytes, HQQ, torchao): merge/unmerge read and write the base weight
-        # through PEFT's backend, as VeRA and LoRA do.
-        self.quantization_backend = resolve_quantization_backend(
-            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
-        )
+        QPABaseLayer.__init__(self, base_layer, **kwargs)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.qpa_dropout = nn.ModuleDict({})
         self.qpa_lora_A = BufferDict({}, persistent=True)
         self.qpa_lora_B = BufferDict({}, persistent=True)
-        # adapter name -> the generator that fills this layer (set by QPAModel after injection). Kept in a
-        # plain dict so the generator is not registered (and saved) once per layer.
-        self._qpa_generators: dict[str, Any] = {}
-        self._qpa_module_name: dict[str, str] = {}
-        # adapter name -> (A, B) added to the base weight by merge(): unmerge subtracts exactly these, whatever
-        # the generator produces by then.
-        self._qpa_merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
-        self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, inference_mode: bool = False) -> None:
         if r <= 0:
@@ -64,29 +43,17 @@ class QPALayer(BaseTunerLayer):
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
         self.qpa_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
-        # Placeholders until the generator (built once all layers exist) writes its first snapshot.
-        self.qpa_lora_A[adapter_name] = torch.zeros(r, self.in_features)
-        self.qpa_lora_B[adapter_name] = torch.zeros(self.out_features, r)
+        self.add_generated(adapter_name, [
+            GeneratedTensor("lora_A", (r, self.in_features), "kaiming_uniform", "qpa_lora_A"),
+            GeneratedTensor("lora_B", (self.out_features, r), "zeros", "qpa_lora_B"),
+        ])
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def tensor_specs(self, adapter_name: str, module_name: str) -> list[TensorSpec]:
-        """What this layer needs from the generator: LoRA's A (r, in) and B (out, r)."""
-        r = self.r[adapter_name]
-        return [
-            TensorSpec(f"{module_name}.lora_A", (r, self.in_features), "kaiming_uniform"),
-            TensorSpec(f"{module_name}.lora_B", (self.out_features, r), "zeros"),
-        ]
-
     def _lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B for this forward: the generator's live output, or the (fresh) snapshot."""
-        generator = self._qpa_generators.get(adapter_name)
-        if generator is not None:
-            live = generator.live_tensors(training=self.training)
-            if live is not None:
-                name = self._qpa_module_name[adapter_name]
-                return live[f"{name}.lora_A"], live[f"{name}.lora_B"]
-        return self.qpa_lora_A[adapter_name], self.qpa_lora_B[adapter_name]
+        tensors = self.generated(adapter_name)
+        return tensors["lora_A"], tensors["lora_B"]
 
     def _delta(self, lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
         compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -96,11 +63,8 @@ class QPALayer(BaseTunerLayer):
         return (delta * self.scaling[adapter_name]).to(dtype if dtype.is_floating_point else compute_dtype)
 
     def _snapshot(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The adapter's A and B as the generator produces them now (regenerated if it changed in any way)."""
-        generator = self._qpa_generators.get(adapter_name)
-        if generator is not None:
-            generator.refresh_snapshot()
-        return self.qpa_lora_A[adapter_name], self.qpa_lora_B[adapter_name]
+        tensors = self.snapshot(adapter_name)
+        return tensors["lora_A"], tensors["lora_B"]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """scaling * B @ A in the base weight's layout (transposed for fan_in_fan_out) and dtype."""
@@ -139,7 +103,7 @@ class Linear(nn.Module, QPALayer):
         if not adapter_names:
             return
         for active_adapter in adapter_names:
-            if active_adapter not in self.qpa_lora_A:
+            if not self.has_qpa_adapter(active_adapter):
                 continue
             lora_a, lora_b = (t.detach().clone() for t in self._snapshot(active_adapter))
             weight = self.get_base_weight()
@@ -162,7 +126,7 @@ class Linear(nn.Module, QPALayer):
         while self.merged_adapters:
             active_adapter = self.merged_adapters.pop()
             merged = self._qpa_merged.pop(active_adapter, None)
-            if active_adapter not in self.qpa_lora_A:
+            if not self.has_qpa_adapter(active_adapter):
                 continue
             lora_a, lora_b = merged if merged is not None else self._snapshot(active_adapter)
             weight = self.get_base_weight()
@@ -181,7 +145,7 @@ class Linear(nn.Module, QPALayer):
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         for active_adapter in self.active_adapters:
-            if active_adapter not in self.qpa_lora_A:
+            if not self.has_qpa_adapter(active_adapter):
                 continue
             lora_a, lora_b = self._lora_weights(active_adapter)
             dropout = self.qpa_dropout[active_adapter]

@@ -18,14 +18,15 @@ amplitudes. Everything is differentiable, on CPU and CUDA, in one of two ways (`
   ``no_grad`` (identical results) and keeps only the final state; the backward sweeps the stages in
   reverse, reconstructing each stage's input from its output (an orthogonal block B is undone by B^T,
   a permutation by its inverse), and needs ~4 states at any depth, for one extra matmul per block.
-* ``"auto"`` (default): adjoint for real-amplitude circuits of at least ``ADJOINT_MIN_QUBITS`` qubits
-  (currently every size), autograd otherwise (RX circuits always use autograd). The adjoint backward is
+* ``"auto"`` (default): adjoint for real-amplitude circuits, autograd otherwise (RX circuits always use
+  autograd). Measured (docs/performance.md, 1 thread, L = 8): adjoint is faster than autograd up to N = 16
+  and within ~1.3x at N = 18-20, with ~4 states of peak memory instead of ~33, so it is used at every N. The adjoint backward is
   first-order only (``once_differentiable``); use ``"autograd"`` for double backward.
 
 Two implementations of the same stages (``kernel=``):
 
 * ``"torch"``: the Kronecker-block matmuls and gathers above, in torch ops (CPU and CUDA, any circuit).
-* ``"fused"``: the compiled CPU kernel of :mod:`peft_qpa.fused_kernel` for circuits made of full RY
+* ``"fused"``: the compiled CPU kernel of :mod:`peft_qpa.generator.backends.fused_kernel` for circuits made of full RY
   layers and CNOTs (every ``build_ansatz(..., "ry_cnot")`` circuit): a layer and the CNOT chain before
   it in SIMD registers, cache-blocked, one FMA per amplitude and qubit, and an adjoint backward that
   un-permutes by a gather and undoes each layer. Used for the no-grad forward and the adjoint path, on
@@ -43,15 +44,11 @@ import torch
 from qiskit import QuantumCircuit
 
 from . import fused_kernel
-from .circuit import circuit_program
+from ..circuit import circuit_program
 
 # Qubits per Kronecker block: a 2^5 x 2^5 matrix keeps the matmul cheap while cutting passes 5-fold.
 GROUP_QUBITS = 5
 
-# gradient="auto" uses the adjoint backward for real-amplitude circuits from this many qubits on.
-# Measured (docs/performance.md, 1 thread, L = 8): adjoint is faster than autograd up to N = 16 and
-# within ~1.3x at N = 18-20, with ~4 states of peak memory instead of ~33, so it is used at every N.
-ADJOINT_MIN_QUBITS = 1
 
 GRADIENT_MODES = ("auto", "adjoint", "autograd")
 KERNELS = ("auto", "torch", "fused")
@@ -166,7 +163,7 @@ class StatevectorSimulator(torch.nn.Module):
     parameters; its permutation buffers follow ``.to(device)``.
 
     ``gradient`` picks the backward pass (see the module docstring): ``"auto"`` (adjoint for RY + CNOT
-    circuits with N >= ADJOINT_MIN_QUBITS, autograd otherwise), ``"adjoint"`` (RY + CNOT only) or
+    circuits, autograd otherwise), ``"adjoint"`` (RY + CNOT only) or
     ``"autograd"``. The forward values are the same in every mode.
     """
 
@@ -186,7 +183,7 @@ class StatevectorSimulator(torch.nn.Module):
         self.gradient = gradient
         # The backward this module actually runs for differentiable angles.
         self.use_adjoint = not self.is_complex and (
-            gradient == "adjoint" or (gradient == "auto" and self.n_qubits >= ADJOINT_MIN_QUBITS))
+            gradient in ("adjoint", "auto"))
         self._stages: list = []
         n_perm = 0
         i = 0

@@ -5,13 +5,13 @@ re-description of it) on ``qiskit_aer.AerSimulator`` and returns the probabiliti
 states (Qiskit little-endian order: bit q of the index is qubit q) through a custom
 ``torch.autograd.Function``:
 
-* ``method="aer_statevector"``: exact probabilities (``save_probabilities``). Gradient by the
+* ``backend="aer_statevector"``: exact probabilities (``save_probabilities``). Gradient by the
   parameter-shift rule, d p / d θ_k = (p(θ + π/2 e_k) - p(θ - π/2 e_k)) / 2, with the forward circuit and
   all 2P shifted circuits bound into ONE Aer job (``parameter_binds``). With a noise model the same job
   runs on Aer's density-matrix method and the device's readout error is applied exactly as per-qubit
   confusion matrices: exact noisy probabilities (no shot noise), limited to
   :data:`MAX_DENSITY_MATRIX_QUBITS` qubits (memory 16·4^N bytes per circuit).
-* ``method="aer_shots"``: ``shots`` measurements; the probabilities are the observed frequencies and the
+* ``backend="aer_shots"``: ``shots`` measurements; the probabilities are the observed frequencies and the
   counts are returned too. The simulator seed is derived from ``(seed, step)`` only, so every process of
   a multi-process run sees the same counts at the same step. Gradients (``shot_gradient``):
   ``"parameter_shift"`` samples the 2P shifted circuits with the same shot budget in the same job (what
@@ -42,13 +42,13 @@ from qiskit_aer import AerSimulator
 from qiskit_aer.noise import NoiseModel
 from transformers.utils import logging
 
-from .circuit import circuit_parameters
-from .config import AER_BYTES_PER_SHOT, SEED_MAX, _format_bytes, memory_budget
+from ..circuit import circuit_parameters
+from ..config import BACKENDS, SEED_MAX, SHOT_GRADIENTS
+from ..memory import AER_BYTES_PER_SHOT, _format_bytes, memory_budget
 
 logger = logging.get_logger(__name__)
 
-METHODS = ("aer_statevector", "aer_shots")
-SHOT_GRADIENTS = ("parameter_shift", "exact")
+AER_BACKENDS = tuple(b for b in BACKENDS if b.startswith("aer_"))
 
 # Exact noisy probabilities use a density matrix: 16 * 4^N bytes per circuit (N = 12: 268 MB).
 MAX_DENSITY_MATRIX_QUBITS = 12
@@ -179,7 +179,7 @@ def _readout_matrices(model: NoiseModel, physical_qubits: list[int]) -> list[np.
         if matrix.shape != (2, 2):
             raise ValueError(
                 "The noise model has a correlated multi-qubit readout error, which the exact "
-                "(density-matrix) path cannot apply; use method='aer_shots' for this noise model."
+                "(density-matrix) path cannot apply; use backend='aer_shots' for this noise model."
             )
         if "gate_qubits" not in error:
             default = matrix
@@ -257,7 +257,7 @@ def _check_shots(shots, field: str = "shots", n_qubits: int | None = None) -> No
     """``shots`` must be an integer >= 1 whose Aer job fits the memory budget (refused before Aer allocates:
     about ``AER_BYTES_PER_SHOT`` bytes per shot, e.g. 275 GB for 2**31 shots)."""
     if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
-        raise ValueError(f"shots must be an integer >= 1 for method='aer_shots', got {shots!r}.")
+        raise ValueError(f"shots must be an integer >= 1 for backend='aer_shots', got {shots!r}.")
     need = int(shots) * AER_BYTES_PER_SHOT
     budget, how = memory_budget()
     if need > budget:
@@ -295,7 +295,7 @@ def derive_seed(seed: int, step: int) -> int:
 
 def _exact_simulator(circuit: QuantumCircuit) -> torch.nn.Module:
     """The exact torch statevector simulator of the same circuit (its dtype follows the angles')."""
-    from .simulator import StatevectorSimulator
+    from .statevector import StatevectorSimulator
 
     return StatevectorSimulator(circuit)
 
@@ -341,14 +341,14 @@ class AerProbabilities(torch.nn.Module):
 
     ``forward(angles, step)`` returns ``(probs, counts)``: ``probs`` has 2^N entries in Qiskit
     little-endian order and dtype ``dtype``; ``counts`` is an int64 tensor of 2^N counts for
-    ``method="aer_shots"`` and None otherwise. See the module docstring for methods and gradients.
+    ``backend="aer_shots"`` and None otherwise. See the module docstring for backends and gradients.
     """
 
     def __init__(
         self,
         circuit: QuantumCircuit,
         *,
-        method: str,
+        backend: str,
         shots: int | None,
         shot_gradient: str,
         noise_model: str | NoiseModel | None,
@@ -357,16 +357,16 @@ class AerProbabilities(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+        if backend not in AER_BACKENDS:
+            raise ValueError(f"backend must be one of {AER_BACKENDS}, got {backend!r}.")
         if shot_gradient not in SHOT_GRADIENTS:
             raise ValueError(f"shot_gradient must be one of {SHOT_GRADIENTS}, got {shot_gradient!r}.")
-        if method == "aer_shots":
+        if backend == "aer_shots":
             _check_shots(shots)
         elif shots is not None:
             raise ValueError(
-                f"shots={shots} was given with method='aer_statevector', which computes exact "
-                "probabilities; use method='aer_shots' to sample, or set shots=None."
+                f"shots={shots} was given with backend='aer_statevector', which computes exact "
+                "probabilities; use backend='aer_shots' to sample, or set shots=None."
             )
         if max_parallel_threads < 0:  # 0 = Aer's own default: all cores
             raise ValueError(f"max_parallel_threads must be >= 0 (0 = all cores), got {max_parallel_threads}.")
@@ -376,7 +376,7 @@ class AerProbabilities(torch.nn.Module):
 
         self.circuit = circuit
         self.n_qubits = circuit.num_qubits
-        self.method = method
+        self.backend = backend
         self.shots = int(shots) if shots is not None else None
         self.shot_gradient = shot_gradient
         self.seed = seed
@@ -392,11 +392,11 @@ class AerProbabilities(torch.nn.Module):
         self._shift_rule_ok = True
 
         noisy = noise_model is not None
-        if noisy and method == "aer_statevector" and self.n_qubits > MAX_DENSITY_MATRIX_QUBITS:
+        if noisy and backend == "aer_statevector" and self.n_qubits > MAX_DENSITY_MATRIX_QUBITS:
             raise ValueError(
-                f"Exact noisy probabilities (method='aer_statevector' with a noise_model) use a density "
+                f"Exact noisy probabilities (backend='aer_statevector' with a noise_model) use a density "
                 f"matrix of 16*4^N bytes and are limited to N <= {MAX_DENSITY_MATRIX_QUBITS} qubits "
-                f"(got N={self.n_qubits}); use method='aer_shots' for larger noisy circuits."
+                f"(got N={self.n_qubits}); use backend='aer_shots' for larger noisy circuits."
             )
 
         body = circuit.copy()
@@ -409,7 +409,7 @@ class AerProbabilities(torch.nn.Module):
                     f"has N={self.n_qubits} qubits. Choose a larger device (peft_qpa.aer.available_fake_backends() "
                     "lists them; e.g. 'fake_kyiv' has 127), or raise chunk_size so that fewer qubits are needed."
                 )
-            # Transpile the unmeasured circuit once, so both methods use the same layout and routing.
+            # Transpile the unmeasured circuit once, so both backends use the same layout and routing.
             body = transpile(body, seed_transpiler=seed, optimization_level=2, **target)
             layout = body.layout.final_index_layout() if body.layout is not None else list(range(self.n_qubits))
             used = {body.find_bit(q).index for inst in body.data for q in inst.qubits} | set(layout)
@@ -429,7 +429,7 @@ class AerProbabilities(torch.nn.Module):
         else:
             noise, layout, sim_method = None, list(range(self.n_qubits)), "statevector"
         self.physical_qubits = layout  # logical qubit q lives on physical qubit layout[q]
-        if method == "aer_shots":
+        if backend == "aer_shots":
             # clbit q <- logical qubit q, so the count keys are little-endian basis-state indices
             body.add_register(ClassicalRegister(self.n_qubits, "meas"))
             body.barrier()
@@ -481,7 +481,7 @@ class AerProbabilities(torch.nn.Module):
 
     @property
     def uses_parameter_shift(self) -> bool:
-        return self.method == "aer_statevector" or self.shot_gradient == "parameter_shift"
+        return self.backend == "aer_statevector" or self.shot_gradient == "parameter_shift"
 
     def circuits_per_step(self, with_gradient: bool = True) -> int:
         """Circuits Aer runs per forward(+backward): 1, or 2P+1 with a parameter-shift gradient."""
@@ -503,14 +503,14 @@ class AerProbabilities(torch.nn.Module):
             batch = np.concatenate([batch, theta + eye, theta - eye], axis=0)
         binds = [{p: batch[:, k] for k, p in enumerate(self.parameters_)}]
         run_kwargs = {"parameter_binds": binds}
-        if self.method == "aer_shots":
+        if self.backend == "aer_shots":
             run_kwargs.update(shots=self.shots, seed_simulator=derive_seed(self.seed, step))
         result = self.simulator.run(self.executed_circuit, **run_kwargs).result()
         if not result.success:
             raise RuntimeError(f"Aer job failed: {result.status}")
 
         dim = 2**self.n_qubits
-        if self.method == "aer_shots":
+        if self.backend == "aer_shots":
             counts = np.zeros((len(batch), dim), dtype=np.int64)
             for i, exp in enumerate(result.results):
                 for key, value in exp.data.counts.items():
@@ -533,6 +533,6 @@ class AerProbabilities(torch.nn.Module):
     def extra_repr(self) -> str:
         noise = self.noise_model_spec if isinstance(self.noise_model_spec, str) or self.noise_model_spec is None else "NoiseModel"
         return (
-            f"n_qubits={self.n_qubits}, method={self.method!r}, shots={self.shots}, "
+            f"n_qubits={self.n_qubits}, backend={self.backend!r}, shots={self.shots}, "
             f"shot_gradient={self.shot_gradient!r}, noise_model={noise!r}, threads={self.max_parallel_threads}"
         )

@@ -1,0 +1,321 @@
+"""``GeneratorConfig``: what every QPA method's config shares about its generator.
+
+A plain dataclass, usable without PEFT (``QPAGenerator.from_config(GeneratorConfig(...), specs)``). Each
+member's PEFT config (``QPAConfig``, ``QTConfig``, ...) inherits its fields, so they sit flat beside the
+member's own fields in ``adapter_config.json``, and its validation, which names the member's class in errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .circuit import ANSATZES, MAX_QUBITS
+from .memory import check_memory
+
+# The options of the fields below, defined once (the backends and the generator import them from here).
+BACKENDS = ("statevector", "aer_statevector", "aer_shots")
+SHOT_GRADIENTS = ("exact", "parameter_shift")
+ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
+DTYPES = ("float32", "float64")
+
+# `seed` reaches torch.Generator().manual_seed and torch.manual_seed (they accept [-2^63, 2^64 - 1]; a negative
+# seed s gives the same stream as 2^64 + s), numpy's SeedSequence and Qiskit's seed_transpiler (any integer >= 0)
+# and, through derive_seed, Aer's seed_simulator (int64: at most 2^63 - 1). [0, 2^63 - 1] is what all accept.
+SEED_MAX = 2**63 - 1
+
+
+
+def _finfo(dtype_name: str):
+    import torch
+
+    return torch.finfo(getattr(torch, dtype_name))
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A finite int or float (not a bool, a string or NaN/inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plain_number(value):
+    """numpy integers/floats -> Python numbers (a config must stay JSON-serialisable); anything else unchanged."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float, numbers.Integral)):
+        return float(value)
+    return value
+
+
+@dataclass
+class GeneratorConfig:
+    """The quantum generator of a QPA adapter: circuit, mapping MLP, probability post-processing, backend.
+
+    N, the number of qubits, is not a field: it follows from M (the numbers to generate, set by the method and
+    its targets) and ``chunk_size``: N = ceil(log2(ceil(M / chunk_size))). See ``docs/config.md``.
+    """
+
+    # --- the circuit and the mapping MLP ---
+    qnn_depth: int = field(
+        default=8, metadata={"help": "Circuit depth L: repetitions of [rotation on every qubit; CNOT chain] (L >= 1)."}
+    )
+    ansatz: str = field(
+        default="ry_cnot",
+        metadata={"help": f"Circuit ansatz, one of {ANSATZES}. 'ry_cnot' keeps amplitudes real (faster)."},
+    )
+    chunk_size: int = field(
+        default=64,
+        metadata={
+            "help": (
+                "Numbers generated per basis state (the MLP's output width). Larger chunks mean fewer qubits and a "
+                "larger MLP head; N = ceil(log2(ceil(M / chunk_size))). Refused if the head would not fit in memory."
+            )
+        },
+    )
+    mapping_hidden_sizes: list[int] = field(
+        default_factory=lambda: [32, 64, 128, 128, 64, 32],
+        metadata={
+            "help": "Hidden widths of the mapping MLP (the QPA paper's: [32, 64, 128, 128, 64, 32]); [] maps linearly."
+        },
+    )
+    mapping_activation: str = field(
+        default="gelu", metadata={"help": f"Nonlinearity between the mapping MLP's layers, one of {ACTIVATIONS}."}
+    )
+    prob_gamma: float = field(
+        default=0.1, metadata={"help": "Probability post-processing x = (beta * tanh(gamma * 2^(N-1) * p) + eps)^alpha - eps^alpha: gamma."}
+    )
+    prob_beta: float = field(default=0.6, metadata={"help": "Probability post-processing: beta (> 0)."})
+    prob_alpha: float = field(default=0.15, metadata={"help": "Probability post-processing: exponent alpha in (0, 1]."})
+    prob_eps: float = field(
+        default=1e-6,
+        metadata={
+            "help": (
+                "Added inside the power so that its derivative stays finite at p = 0 (the published x^0.15 has an "
+                "infinite slope there); the constant eps^alpha is subtracted again."
+            )
+        },
+    )
+    max_qubits: int = field(
+        default=24,
+        metadata={
+            "help": (
+                f"Refuse generators that would need more qubits than this (at most {MAX_QUBITS}); the statevector "
+                "holds 2^N amplitudes. Raise chunk_size to need fewer qubits."
+            )
+        },
+    )
+    simulator_dtype: str = field(
+        default="float32", metadata={"help": f"Floating dtype of the generator and its simulator, one of {DTYPES}."}
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the circuit angles, the MLP and the frozen A init: an integer in [0, 2**63 - 1]."},
+    )
+    # --- backends (see docs/backends.md) ---
+    backend: str = field(
+        default="statevector",
+        metadata={
+            "help": (
+                f"Where probabilities come from, one of {BACKENDS}: the exact statevector simulator in torch (default; "
+                "adjoint gradients, compiled CPU kernel where it can be built), Aer's statevector (parameter-shift gradients), or Aer shots (finite sampling, optional noise)."
+            )
+        },
+    )
+    shots: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Total shots per circuit for 'aer_shots' (>= 1; capped by memory, about 128 bytes per shot)."
+        },
+    )
+    shots_per_state: Optional[int] = field(
+        default=None, metadata={"help": "Shots per basis state c for 'aer_shots': c * 2^N shots (the QPA paper, arXiv:2410.09846, uses 20)."}
+    )
+    shot_gradient: str = field(
+        default="exact",
+        metadata={
+            "help": (
+                f"Gradient under shots, one of {SHOT_GRADIENTS}: 'exact' = straight-through (sampled forward, exact "
+                "statevector Jacobian backward); 'parameter_shift' = shifted circuits sampled with the same budget."
+            )
+        },
+    )
+    noise_model: Optional[Any] = field(
+        default=None,
+        metadata={
+            "help": (
+                "None, the name of an offline IBM fake device (e.g. 'fake_kyiv'), or a qiskit_aer NoiseModel "
+                "(stored in JSON as its serialized dict). With 'aer_shots' (noisy sampling) or 'aer_statevector' (exact noisy probabilities, N <= 12)."
+            )
+        },
+    )
+    generative_interpolation: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Generative interpolation (GI): estimate the probability of every unobserved basis state from its N "
+                "Hamming-distance-1 neighbours with a small trained network. Only with backend='aer_shots'."
+            )
+        },
+    )
+    gi_hidden_sizes: list[int] = field(
+        default_factory=lambda: [16, 16], metadata={"help": "Hidden widths of the GI network; [] maps linearly."}
+    )
+    aer_max_parallel_threads: int = field(
+        default=1,
+        metadata={"help": "Threads Aer may use (0 = all cores). Keep it low when torch also uses the cores."},
+    )
+
+
+    # What sets M, for the memory check's message (each member's config names its own field).
+    generated_size_field = "num_generated"
+    generated_size_what = "set by the tensors to generate"
+    generated_size_hint = "Generate fewer numbers"
+
+    _INT_FIELDS = ("qnn_depth", "chunk_size", "max_qubits", "seed", "shots", "shots_per_state", "aer_max_parallel_threads")
+    _REAL_FIELDS = ("prob_gamma", "prob_beta", "prob_alpha", "prob_eps")
+    _BOOL_FIELDS = ("generative_interpolation",)
+    _LIST_FIELDS = ("mapping_hidden_sizes", "gi_hidden_sizes")
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        if isinstance(self.noise_model, dict):  # a NoiseModel as stored in adapter_config.json
+            from .backends.aer import noise_model_from_json
+
+            self.noise_model = noise_model_from_json(self.noise_model)
+        self._normalize()
+        self._validate()
+
+    def generator_config(self) -> "GeneratorConfig":
+        """The generator's fields alone, as a plain :class:`GeneratorConfig`."""
+        names = [f.name for f in dataclasses.fields(GeneratorConfig)]
+        return GeneratorConfig(**{name: getattr(self, name) for name in names})
+
+    def _normalize(self) -> None:
+        """numpy numbers -> Python numbers and tuples -> lists (the config must stay JSON-serialisable); nothing
+        else is converted: strings, bools and None are left for _validate to refuse."""
+        for name in self._INT_FIELDS + self._REAL_FIELDS:
+            setattr(self, name, plain_number(getattr(self, name)))
+        for name in self._LIST_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                value = list(value)
+            setattr(self, name, [plain_number(v) for v in value] if isinstance(value, list) else plain_number(value))
+
+    def _fail(self, name: str, allowed: str) -> None:
+        raise ValueError(f"{type(self).__name__}.{name} must be {allowed}, got {getattr(self, name)!r}.")
+
+    def _validate_fields(self) -> None:
+        """The fields a member config adds (each member checks its own, then calls ``super()``)."""
+
+    def _validate(self) -> None:
+        """Check every field; the member configs check their own fields first, then call this."""
+        fail = self._fail
+        cls = type(self).__name__
+        for name in self._BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False (a bool; strings such as 'no' and numbers are not accepted)")
+        self._validate_fields()
+        # --- the generator
+        if not is_int(self.qnn_depth) or self.qnn_depth < 1:
+            fail("qnn_depth", "an integer >= 1")
+        if not isinstance(self.ansatz, str) or self.ansatz not in ANSATZES:
+            fail("ansatz", f"one of {ANSATZES}")
+        if not is_int(self.chunk_size) or self.chunk_size < 1:
+            fail("chunk_size", "an integer >= 1")
+        hidden = self.mapping_hidden_sizes
+        if not isinstance(hidden, list) or not all(is_int(h) and h >= 1 for h in hidden):
+            fail("mapping_hidden_sizes", "a list of integers >= 1 ([] makes the mapping a single linear layer)")
+        if not isinstance(self.mapping_activation, str) or self.mapping_activation not in ACTIVATIONS:
+            fail("mapping_activation", f"one of {ACTIVATIONS}")
+        if not isinstance(self.simulator_dtype, str) or self.simulator_dtype not in DTYPES:
+            fail("simulator_dtype", f"one of {DTYPES}")
+        if not is_int(self.max_qubits) or not 1 <= self.max_qubits <= MAX_QUBITS:
+            fail("max_qubits", f"an integer in [1, {MAX_QUBITS}]")
+        # The post-processing runs in simulator_dtype: every constant, and gamma * 2^(N-1), must be finite there,
+        # and eps must not flush to zero (its point is a finite slope at p = 0).
+        finfo = _finfo(self.simulator_dtype)
+        if not is_real(self.prob_gamma) or not 0 < self.prob_gamma * 2.0 ** (self.max_qubits - 1) <= finfo.max:
+            fail(
+                "prob_gamma",
+                f"a finite number > 0 with prob_gamma * 2^(max_qubits - 1) <= {finfo.max:.3g} ({self.simulator_dtype})",
+            )
+        if not is_real(self.prob_beta) or not 0 < self.prob_beta <= finfo.max:
+            fail("prob_beta", f"a finite number > 0 (at most {finfo.max:.3g} in {self.simulator_dtype})")
+        if not is_real(self.prob_alpha) or not 0 < self.prob_alpha <= 1:
+            fail("prob_alpha", "a number in (0, 1]")
+        if not is_real(self.prob_eps) or not finfo.tiny <= self.prob_eps <= finfo.max:
+            fail("prob_eps", f"a finite number >= {finfo.tiny:.3g} (smaller ones are zero in {self.simulator_dtype})")
+        if not is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
+            fail(
+                "seed",
+                f"an integer in [0, 2**63 - 1] (= {SEED_MAX}; the range torch, numpy, Qiskit and Aer all accept)",
+            )
+
+        # --- backends
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+            fail("backend", f"one of {BACKENDS}")
+        if self.shots is not None and (not is_int(self.shots) or self.shots < 1):
+            fail("shots", "None or an integer >= 1")
+        if self.shots_per_state is not None and (not is_int(self.shots_per_state) or self.shots_per_state < 1):
+            fail("shots_per_state", "None or an integer >= 1")
+        if self.shots is not None and self.shots_per_state is not None:
+            raise ValueError(f"{cls}: set either shots or shots_per_state, not both.")
+        if self.backend == "aer_shots" and self.shots is None and self.shots_per_state is None:
+            raise ValueError(f"{cls}.backend='aer_shots' needs shots or shots_per_state (e.g. shots_per_state=20).")
+        if self.backend != "aer_shots" and (self.shots is not None or self.shots_per_state is not None):
+            raise ValueError(
+                f"{cls}.shots/shots_per_state only apply to backend='aer_shots' (backend is {self.backend!r})."
+            )
+        if not isinstance(self.shot_gradient, str) or self.shot_gradient not in SHOT_GRADIENTS:
+            fail("shot_gradient", f"one of {SHOT_GRADIENTS}")
+        if self.noise_model is not None and self.backend == "statevector":
+            raise ValueError(
+                f"{cls}.noise_model needs an Aer backend: 'aer_shots' (noisy sampling) or 'aer_statevector' "
+                "(exact noisy probabilities from a density matrix, N <= 12)."
+            )
+        if self.noise_model is not None:
+            if isinstance(self.noise_model, str):
+                from .backends.aer import resolve_fake_backend_name
+
+                resolve_fake_backend_name(self.noise_model)  # names only: no device or noise model is built
+            else:
+                from qiskit_aer.noise import NoiseModel
+
+                if not isinstance(self.noise_model, NoiseModel):
+                    fail(
+                        "noise_model",
+                        "None, a fake IBM device name such as 'fake_kyiv' (peft_qpa.aer.available_fake_backends() "
+                        "lists them) or a qiskit_aer.noise.NoiseModel",
+                    )
+        if self.generative_interpolation and self.backend != "aer_shots":
+            raise ValueError(
+                f"{cls}.generative_interpolation=True only applies to backend='aer_shots': exact probabilities "
+                "have no unobserved states to interpolate."
+            )
+        if not isinstance(self.gi_hidden_sizes, list) or not all(is_int(h) and h >= 1 for h in self.gi_hidden_sizes):
+            fail("gi_hidden_sizes", "a list of integers >= 1 ([] makes the GI network a single linear layer)")
+        if not is_int(self.aer_max_parallel_threads) or self.aer_max_parallel_threads < 0:
+            fail("aer_max_parallel_threads", "an integer >= 0")
+
+
+        # --- memory the values above commit to, before anything is allocated (the real N is checked again
+        # when the generator is built: peft_qpa.generator.backends.check_generator_memory)
+        check_memory(self)
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict: a NoiseModel object is stored as its serialized form, never pickled."""
+        parent = getattr(super(), "to_dict", None)
+        output = parent() if parent is not None else dataclasses.asdict(self)
+        if output.get("noise_model") is not None and not isinstance(output["noise_model"], str):
+            from .backends.aer import noise_model_to_json
+
+            output["noise_model"] = noise_model_to_json(output["noise_model"])
+        return output

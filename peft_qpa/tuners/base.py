@@ -1,0 +1,385 @@
+"""The machinery every QPA method's tuner shares, whatever tensors its layers need.
+
+* :class:`QPABaseLayer`: a tuner layer with no trainable parameter of its own. It declares the tensors it
+  needs as :class:`GeneratedTensor` records (name, shape, initialization, and the ``BufferDict`` holding its
+  snapshot); in a forward it reads them with :meth:`QPABaseLayer.generated`, live from the generator while
+  training, from the snapshot otherwise.
+* :class:`QPABaseModel`: a ``BaseTuner`` that owns one shared generator per adapter (a ``ModuleDict`` saved
+  under ``<prefix>generator``), builds it from every layer's declarations once the adapter is injected,
+  generates once per forward of the whole model, keeps snapshots fresh for saving, cross-checks them on
+  load, and overrides the trainability, casting and deletion hooks that PEFT's generic code applies to
+  per-layer weights only.
+
+A method (``lora/``, ``qt/``, ...) subclasses both: its layers declare their tensors and implement forward,
+merge and unmerge; its model creates its layers (``_create_and_replace``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import resolve_quantization_backend
+from torch import nn
+from transformers.utils import logging
+
+from ..generator import QPAGenerator, TensorSpec
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class GeneratedTensor:
+    """One tensor a layer needs from its adapter's generator.
+
+    ``name`` is the tensor's name within the layer (e.g. ``"lora_A"``); ``init`` its initialization (see
+    :class:`~peft_qpa.generator.TensorSpec`); ``snapshot`` the name of the layer's ``BufferDict`` that holds
+    its snapshot, keyed by adapter name (saved with the adapter)."""
+
+    name: str
+    shape: tuple[int, ...]
+    init: str
+    snapshot: str
+
+
+class QPABaseLayer(BaseTunerLayer):
+    """Base of every QPA tuner layer. Subclasses call :meth:`add_generated` in ``update_layer`` and list their
+    snapshot ``BufferDict`` names in ``other_param_names`` (after :attr:`GENERIC_STATE`)."""
+
+    # No per-layer trainable weights: the trainable state lives in the tuner's shared generator.
+    adapter_layer_names: tuple[str, ...] = ()
+    # Per-adapter state that delete_adapter must drop too: the declarations, the generator reference, the
+    # declared tensors' names in the generator, and what a merge added to the base weight.
+    GENERIC_STATE = ("_qpa_declared", "_qpa_generators", "_qpa_tensor_names", "_qpa_merged")
+    other_param_names: tuple[str, ...] = GENERIC_STATE
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        # Quantized base layers (bitsandbytes, HQQ, torchao): merge/unmerge read and write the base weight
+        # through PEFT's backend, as VeRA and LoRA do.
+        self.quantization_backend = resolve_quantization_backend(
+            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
+        )
+        self._qpa_declared: dict[str, list[GeneratedTensor]] = {}
+        # Plain dicts, so that the generator is not registered (and saved) once per layer.
+        self._qpa_generators: dict[str, QPAGenerator] = {}
+        self._qpa_tensor_names: dict[str, dict[str, str]] = {}  # adapter -> tensor name -> name in the generator
+        self._qpa_merged: dict[str, Any] = {}  # adapter -> what merge() added (unmerge subtracts exactly that)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+
+    # --- declaring and reading generated tensors ---------------------------------------------------------
+    def add_generated(self, adapter_name: str, tensors: list[GeneratedTensor]) -> None:
+        """Declare the tensors ``adapter_name`` needs and create zero placeholders for their snapshots (the
+        generator, built once every layer of the adapter exists, writes the first snapshot)."""
+        self._qpa_declared[adapter_name] = list(tensors)
+        for tensor in tensors:
+            getattr(self, tensor.snapshot)[adapter_name] = torch.zeros(tensor.shape)
+
+    def declared(self, adapter_name: str) -> list[GeneratedTensor]:
+        return self._qpa_declared.get(adapter_name, [])
+
+    def has_qpa_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self._qpa_declared
+
+    def generated(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The declared tensors for this forward, by name: the generator's live (differentiable) output while
+        gradients are needed, else the snapshot (regenerated first if the generator changed)."""
+        generator = self._qpa_generators.get(adapter_name)
+        if generator is not None:
+            live = generator.live_tensors(training=self.training)
+            if live is not None:
+                return {name: live[full] for name, full in self._qpa_tensor_names[adapter_name].items()}
+        return self._snapshot_tensors(adapter_name)
+
+    def snapshot(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The declared tensors as the generator produces them now (regenerated if it changed in any way)."""
+        generator = self._qpa_generators.get(adapter_name)
+        if generator is not None:
+            generator.refresh_snapshot()
+        return self._snapshot_tensors(adapter_name)
+
+    def _snapshot_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {t.name: getattr(self, t.snapshot)[adapter_name] for t in self.declared(adapter_name)}
+
+
+GENERATOR_SUFFIX = "generator"
+
+
+class QPABaseModel(BaseTuner):
+    """Base of every QPA tuner: one generator per adapter, shared by all the adapter's layers.
+
+    Subclasses set ``prefix``, ``tuner_layer_cls`` (a :class:`QPABaseLayer` subclass), ``target_module_mapping``,
+    ``classical_name`` and implement ``_create_and_replace``."""
+
+    uses_shared_state: bool = True
+    # What the generated numbers replace (generator_summary's ratio line, the model card), and how to use the
+    # trained result without quantum software (the model card).
+    classical_name: str = "the classical adapter with the same shapes"
+    card_classical_use: str = ""
+
+    def card_description(self, config, targets) -> str:
+        """The model card's "This adapter is ..." phrase."""
+        return f"an adapter (targets: {targets})"
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, **kwargs):
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
+        # Generate once per forward of the whole model, before any (checkpointed) layer runs.
+        self._forward_hook_handle = self.model.register_forward_pre_hook(self._begin_forward)
+        self._forward_end_hook_handle = self.model.register_forward_hook(self._end_forward)
+        # Make the saved snapshot match the current generator whenever a state dict is taken.
+        self.register_state_dict_pre_hook(self._refresh_before_state_dict)
+        # After a load, check that the loaded generator reproduces the loaded snapshot.
+        self.register_load_state_dict_post_hook(self._after_load)
+
+    # --- shared state ----------------------------------------------------------------------------------
+    @property
+    def generator_attr(self) -> str:
+        """The tuner attribute holding the generators, e.g. ``qpa_generator`` (it contains PEFT's prefix)."""
+        return f"{self.prefix}{GENERATOR_SUFFIX}"
+
+    def _generators(self) -> nn.ModuleDict:
+        if self.generator_attr not in self._modules:
+            self.add_module(self.generator_attr, nn.ModuleDict())
+        return self._modules[self.generator_attr]
+
+    def get_generator(self, adapter_name: str = "default") -> QPAGenerator:
+        """The generator module of an adapter: ``.n_qubits``, ``.circuit()``, ``.probabilities()``, ``.generate()``."""
+        generators = self._generators()
+        if adapter_name not in generators:
+            raise ValueError(f"No {self.peft_type_name} adapter named {adapter_name!r}; adapters: {list(generators.keys())}.")
+        return generators[adapter_name]
+
+    @property
+    def peft_type_name(self) -> str:
+        config = next(iter(self.peft_config.values()), None)
+        peft_type = getattr(config, "peft_type", None)
+        return str(getattr(peft_type, "value", peft_type or "QPA"))
+
+    def _targeted_layers(self, adapter_name: str) -> list[tuple[str, QPABaseLayer]]:
+        return [
+            (name, module)
+            for name, module in self.model.named_modules()
+            if isinstance(module, QPABaseLayer) and module.has_qpa_adapter(adapter_name)
+        ]
+
+    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False, state_dict=None):
+        # PeftModel.add_adapter / load_adapter call this directly (skipping _pre_injection_hook), so the
+        # generator is built here, once every target of the adapter has its layer.
+        # Adding an adapter must not change the trainability of the existing ones (BaseTuner.inject_adapter restores
+        # it for parameters inside the model; the generators live on the tuner, so restore theirs here).
+        existing = [(p, p.requires_grad) for generator in self._generators().values() for p in generator.parameters()]
+        super().inject_adapter(
+            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+        for parameter, requires_grad in existing:
+            parameter.requires_grad = requires_grad
+        self._build_generator(adapter_name)
+
+    def _build_generator(self, adapter_name: str) -> None:
+        config = self.peft_config[adapter_name]
+        layers = self._targeted_layers(adapter_name)
+        if not layers:
+            return  # BaseTuner.inject_adapter already raised for a config that matched nothing
+        specs, targets = [], {}
+        for module_name, layer in layers:
+            names = {}
+            for tensor in layer.declared(adapter_name):
+                full = f"{module_name}.{tensor.name}"
+                specs.append(TensorSpec(full, tuple(tensor.shape), tensor.init))
+                targets[full] = (getattr(layer, tensor.snapshot), adapter_name)
+                names[tensor.name] = full
+            layer._qpa_tensor_names[adapter_name] = names
+        generator = QPAGenerator.from_config(config, specs, init_weights=getattr(config, "init_weights", True))
+        device = layers[0][1].get_base_layer().weight.device
+        # Under low_cpu_mem_usage (accelerate's init_empty_weights) the parameters are created on the meta device
+        # and only materialized by the checkpoint that is loaded next; like PEFT's layers, leave them there.
+        on_meta = any(p.is_meta for p in generator.parameters())
+        if device.type != "meta" and not on_meta:
+            generator = generator.to(device)
+        generator.attach_snapshot(targets)
+        generator.adapter_name = adapter_name
+        self._generators()[adapter_name] = generator
+        for _, layer in layers:
+            layer._qpa_generators[adapter_name] = generator
+        generator.requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
+        if not on_meta:
+            generator.refresh_snapshot()
+        from .model_card import TAGS, card_facts
+
+        config._model_card_facts = card_facts(config, generator, self.classical_parameter_count(adapter_name), self)
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(list(TAGS))
+        logger.info("%s adapter %r:\n%s", self.peft_type_name, adapter_name, self.generator_summary(adapter_name))
+
+    def _snapshot_keys(self, adapter_name: str) -> list[str]:
+        """State-dict keys (relative to the wrapped model) of the adapter's snapshots."""
+        return [
+            f"{module_name}.{tensor.snapshot}.{adapter_name}"
+            for module_name, layer in self._targeted_layers(adapter_name)
+            for tensor in layer.declared(adapter_name)
+        ]
+
+    def _after_load(self, module, incompatible_keys) -> None:
+        """After ``load_state_dict``: loaded snapshots are authoritative (bit-exact outputs after a reload), and an
+        adapter whose generator was loaded too is cross-checked: a generator that does not reproduce its
+        snapshot (a corrupted file, or an edited config field that keeps the shapes) is reported."""
+        missing = incompatible_keys.missing_keys
+        for adapter_name, generator in self._generators().items():
+            snapshot_keys = self._snapshot_keys(adapter_name)
+            if any(k.endswith(key) for k in missing for key in snapshot_keys):
+                continue  # this adapter's snapshot was not in the loaded state dict
+            if any(p.is_meta for p in generator.parameters()):
+                continue
+            generator_loaded = not any(f"{self.generator_attr}.{adapter_name}." in k for k in missing)
+            if generator_loaded:
+                worst, tolerance, beyond, total = generator.snapshot_disagreement()
+                if beyond:
+                    config = self.peft_config.get(adapter_name)
+                    warnings.warn(
+                        f"{self.peft_type_name} adapter '{adapter_name}': the loaded snapshot and the output "
+                        f"regenerated from the loaded generator disagree (max |difference| {worst:.3g} in {beyond} of "
+                        f"{total} numbers; rounding allows {tolerance:.2g}). The adapter's files changed after it was "
+                        "saved: a corrupted adapter_model.safetensors, or an edited adapter_config.json field that "
+                        "keeps the shapes (prob_*, mapping_activation, ansatz, backend, ...; now "
+                        f"backend={getattr(config, 'backend', None)!r}, ansatz={getattr(config, 'ansatz', None)!r}). "
+                        "Inference uses the saved snapshot; training would continue from the generator, whose output "
+                        "differs. Re-save the adapter from the model that trained it, or restore the original config.",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+            generator.mark_snapshot_fresh()
+
+    # --- once per forward -------------------------------------------------------------------------------
+    def _begin_forward(self, module, args):
+        generators = self._generators()
+        active = [name for name in self.active_adapters if name in generators]
+        if not active:
+            return
+        disabled, merged, reentrant = self._forward_state()
+        if disabled:
+            return  # the layers read nothing (e.g. a reference-model forward with the adapter disabled)
+        training = self.model.training
+        reentrant = reentrant and training and torch.is_grad_enabled()
+        if reentrant:
+            _refuse_distributed_reentrant_checkpointing()
+        for adapter_name in active:
+            # A merged adapter is already in the base weights: its layers read nothing, and drawing new shots or
+            # advancing the step here would make unmerge subtract something else.
+            if adapter_name not in merged:
+                generators[adapter_name].begin_forward(training=training, reentrant_checkpointing=reentrant)
+
+    def _end_forward(self, module, args, output):
+        for generator in self._generators().values():
+            generator.end_forward()
+
+    def _forward_state(self) -> tuple[bool, set, bool]:
+        """One pass over the model: whether the QPA layers are disabled, the adapters merged into any layer, and
+        whether transformers' gradient (activation) checkpointing is on with ``use_reentrant=True``.
+
+        Checkpointing is read from the checkpointed modules themselves (``gradient_checkpointing`` and the
+        ``_gradient_checkpointing_func`` partial that transformers sets on them), not from the model's deprecated
+        ``is_gradient_checkpointing`` property."""
+        disabled, merged, reentrant = None, set(), None
+        for module in self.model.modules():
+            if isinstance(module, QPABaseLayer):
+                if disabled is None:
+                    disabled = module.disable_adapters
+                merged.update(module.merged_adapters)
+            elif reentrant is None and getattr(module, "gradient_checkpointing", False) is True:
+                func = getattr(module, "_gradient_checkpointing_func", None)
+                if func is not None:
+                    reentrant = bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+        return bool(disabled), merged, bool(reentrant)
+
+    def _refresh_before_state_dict(self, module, prefix, keep_vars):
+        for generator in self._generators().values():
+            generator.refresh_snapshot(force=True)
+
+    # --- shared-state overrides (the generic code only sees per-layer weights) ---------------------------
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for name, generator in self._generators().items():
+            config = self.peft_config.get(name)
+            generator.requires_grad_(name in self.active_adapters and config is not None and not config.inference_mode)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        for name, generator in self._generators().items():
+            generator.requires_grad_(name in names and not inference_mode)
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        for name in names:
+            if name in self._generators():
+                self._generators()[name].requires_grad_(requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        generators = self._generators()
+        if adapter_name in generators:
+            generators[adapter_name].drop_live()
+        super().delete_adapter(adapter_name)
+        if adapter_name in generators:
+            del generators[adapter_name]
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        # The generator is created in simulator_dtype (float32 or float64). That is PEFT's autocast rule (adapter
+        # weights in at least float32), so it stays there by default. With autocast_adapter_dtype=False, PEFT
+        # adapters take the base layers' dtype: so does the generator.
+        if autocast_adapter_dtype or adapter_name not in self._generators():
+            return
+        layers = self._targeted_layers(adapter_name)
+        if not layers:
+            return
+        dtype = layers[0][1].get_base_layer().weight.dtype
+        if dtype.is_floating_point:
+            self._generators()[adapter_name].to(dtype)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        self._forward_hook_handle.remove()
+        self._forward_end_hook_handle.remove()
+        return model
+
+    # --- state dict -------------------------------------------------------------------------------------
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        marker = f"{cls.prefix}{GENERATOR_SUFFIX}.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, f"{cls.prefix}{GENERATOR_SUFFIX}.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    # --- reporting --------------------------------------------------------------------------------------
+    def classical_parameter_count(self, adapter_name: str = "default") -> int:
+        """Trainable parameters of the classical twin (the generated tensors trained directly): M."""
+        return self.get_generator(adapter_name).num_generated
+
+    def generator_summary(self, adapter_name: str = "default") -> str:
+        """Qubits, depth, circuit/MLP parameters, M, and the ratio of trainable parameters to the classical twin's."""
+        return self.get_generator(adapter_name).summary(self.classical_parameter_count(adapter_name), self.classical_name)
+
+
+def _refuse_distributed_reentrant_checkpointing() -> None:
+    """Reentrant checkpointing pushes the generator's gradient through it after each nested backward, outside
+    the backward that DistributedDataParallel synchronises: the ranks' generators would drift apart silently."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() <= 1:
+        return
+    raise RuntimeError(
+        "QPA does not support reentrant gradient checkpointing in distributed (DDP) training: the generator's "
+        "gradients would not be synchronised across ranks. Use non-reentrant checkpointing instead: "
+        "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), or with the "
+        "HF Trainer, TrainingArguments(gradient_checkpointing=True, "
+        "gradient_checkpointing_kwargs={'use_reentrant': False})."
+    )
