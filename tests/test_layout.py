@@ -114,3 +114,14 @@ def test_generator_stands_alone_without_peft():
     proc = subprocess.run([sys.executable, "-c", loader + code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+def test_architecture_doc_snippet_runs(capsys):
+    import re
+
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/architecture.md", "exec"), {})
+    assert "ratio to the tensors trained directly" in capsys.readouterr().out
