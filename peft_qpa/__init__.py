@@ -18,7 +18,7 @@ from .generator.backends.aer import available_fake_backends
 from .peft_types import QPA, QT, register
 from .tuners.base import GeneratedTensor, QPABaseLayer, QPABaseModel
 from .tuners.lora import QPAConfig, QPALayer, QPAModel
-# QT_IMPORT
+from .tuners.qt import QTConfig, QTLayer, QTModel
 from .tuners.saving import install_staged_save
 
 __version__ = "0.2.0"
@@ -28,7 +28,7 @@ def register_qpa() -> None:
     """Register every method of the package with PEFT (idempotent; ``import peft_qpa`` already does it)."""
     install_staged_save()
     register(QPA, QPAConfig, QPAModel)
-    # QT_REGISTER
+    register(QT, QTConfig, QTModel)
 
 
 register_qpa()

@@ -35,3 +35,36 @@ def test_readme_commands_match_ci():
     text = README.read_text()
     assert 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q' in text
     assert 'pip install --quiet torch==2.13.0 -e ".[test]"' in ci and "python -m pytest -q" in ci
+
+
+def test_family_snippets_run(tmp_path, monkeypatch, capsys):
+    """Each member's README snippet runs as written, on tiny stand-ins for ``base`` and ``cnn``."""
+    import torch
+    from peft import get_peft_model
+    from torch import nn
+
+    import peft_qpa
+    from tiny_models import tiny_llama
+
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+            return self.fc(x.flatten(1))
+
+    section = README.read_text().split("## The family", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3, blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        torch.manual_seed(0)
+        namespace = {"peft_qpa": peft_qpa, "get_peft_model": get_peft_model, "base": tiny_llama(), "cnn": CNN()}
+        exec(compile(block, "README family", "exec"), namespace)
+        assert isinstance(namespace.get("model", namespace.get("trained_cnn")), nn.Module)
+    assert '"use_dora": true' in (tmp_path / "dora-twin" / "adapter_config.json").read_text()
+    assert isinstance(namespace["trained_cnn"], CNN)
+    assert "generated numbers M:" in capsys.readouterr().out

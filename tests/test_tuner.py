@@ -315,8 +315,8 @@ def test_missing_target_modules():
 
 
 def test_unsupported_module_type_is_named():
-    with pytest.raises(TypeError, match="Embedding.*not supported by QPA"):
-        adapted("llama", target_modules=["embed_tokens"])
+    with pytest.raises(TypeError, match="LlamaRMSNorm.*not supported by QPA"):
+        adapted("llama", target_modules=["input_layernorm"])
 
 
 def test_corrupt_adapter_file_errors_and_keeps_files(input_ids, tmp_path):

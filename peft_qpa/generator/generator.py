@@ -36,6 +36,17 @@ from .config import ACTIVATIONS, GeneratorConfig
 ACTIVATION_CLASSES = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 assert set(ACTIVATION_CLASSES) == set(ACTIVATIONS)
 
+# Memory of large generators (Quantum-Train generates every weight of a network: M up to 10^7 and more). From
+# BLOCKWISE_MIN_GENERATED numbers on, the mapping MLP runs over blocks of basis states, in the forward (no
+# gradient kept) and again in the backward (recomputed block by block, see _BlockwiseGenerate), and the centring
+# and offset are applied in place: one generation (forward + backward) then allocates the M generated numbers,
+# their gradient (M, computed by the layers that use them) and one block's activations, at most
+# max(BLOCK_ELEMENTS_MIN, M / BLOCK_FRACTION) numbers. Smaller generators keep the whole-MLP path (the MLP's
+# activations are recomputed by torch's checkpoint), unchanged from earlier versions.
+BLOCKWISE_MIN_GENERATED = 1 << 16
+BLOCK_ELEMENTS_MIN = 1 << 17
+BLOCK_FRACTION = 16
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -218,16 +229,37 @@ class QPAGenerator(nn.Module):
         return x - x.mean()
 
     def _raw_output(self, step: int) -> torch.Tensor:
-        # The generator computes in its own dtype whatever autocast is active around it (TRL and the
-        # Trainer's bf16 turn autocast on): in bfloat16 the offset would no longer cancel the initial output,
-        # so a fresh adapter would not equal the base model, and the saved snapshot would depend on whether
-        # the last forward ran under autocast.
-        with torch.autocast(self.angles.device.type, enabled=False):
-            return self._raw_output_in_own_dtype(step)
+        """The M raw numbers (centred MLP output, without the offset)."""
+        return self._output(step, None, (self.num_generated,))[0]
 
-    def _raw_output_in_own_dtype(self, step: int) -> torch.Tensor:
+    def _output(self, step: int, offset: Optional[torch.Tensor], sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """The M generated numbers, centred, plus ``offset`` if given, cut into pieces of ``sizes``.
+
+        The generator computes in its own dtype whatever autocast is active around it (TRL and the Trainer's bf16
+        turn autocast on): in bfloat16 the offset would no longer cancel the initial output, so a fresh adapter
+        would not equal the base model, and the saved snapshot would depend on whether the last forward ran under
+        autocast."""
+        with torch.autocast(self.angles.device.type, enabled=False):
+            if self.num_generated >= BLOCKWISE_MIN_GENERATED:
+                return self._blockwise_output(self._probability_column(step), offset, sizes)
+            flat = self._raw_output_in_own_dtype(self._features(step))
+            if offset is not None:
+                flat = flat + offset
+            return torch.split(flat, list(sizes)) if len(sizes) > 1 else (flat,)
+
+    def _probability_column(self, step: int) -> torch.Tensor:
+        """The post-processed probabilities of the basis states used, as a column (n_chunks x 1)."""
         probs = self.probabilities(step)[: self.n_chunks]
-        features = torch.cat([self.basis_bits, self.postprocess(probs).unsqueeze(1).to(self.basis_bits.dtype)], 1)
+        return self.postprocess(probs).unsqueeze(1).to(self.basis_bits.dtype)
+
+    def _features(self, step: int, column: Optional[torch.Tensor] = None, rows: slice = slice(None)) -> torch.Tensor:
+        """The mapping MLP's input: row i = basis state i's ±1 bits and its post-processed probability (``rows`` of
+        it, from ``column`` if given)."""
+        column = self._probability_column(step) if column is None else column
+        return torch.cat([self.basis_bits[rows], column[rows]], 1)
+
+    def _raw_output_in_own_dtype(self, features: torch.Tensor) -> torch.Tensor:
+        """Small generators (M < ``BLOCKWISE_MIN_GENERATED``): the whole MLP at once."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.mapping.parameters()):
             # Recompute the MLP's activations in the backward pass instead of keeping them: they are
             # n_chunks x (sum of widths) numbers, held from the start of the model's forward to the end
@@ -239,9 +271,47 @@ class QPAGenerator(nn.Module):
         flat = chunks.reshape(-1)[: self.num_generated]
         return flat - flat.mean()
 
+    # --- large generators: the MLP block by block, in place ------------------------------------------
+    def block_rows(self) -> int:
+        """Basis states (MLP rows) per block of the blockwise path: a block's activations (every layer's input and
+        output) hold at most max(BLOCK_ELEMENTS_MIN, M / BLOCK_FRACTION) numbers."""
+        widths = [m.out_features for m in self.mapping if isinstance(m, nn.Linear)]
+        row = self.n_qubits + 1 + 2 * sum(widths[:-1]) + widths[-1]
+        budget = max(BLOCK_ELEMENTS_MIN, self.num_generated // BLOCK_FRACTION)
+        return max(1, min(self.n_chunks, budget // row))
+
+    @torch.no_grad()
+    def _blockwise_values(self, column: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
+        """The M numbers written block by block into one flat tensor, centred and offset in place: the only
+        M-sized allocation is the result (each block's MLP input is built from ``column`` when it is needed)."""
+        total, chunk = self.num_generated, self.chunk_size
+        out = torch.empty(total, dtype=self.mapping[-1].weight.dtype, device=column.device)
+        rows = self.block_rows()
+        for start in range(0, self.n_chunks, rows):
+            stop = min(start + rows, self.n_chunks)
+            begin, end = start * chunk, min(stop * chunk, total)
+            block = self.mapping(self._features(0, column, slice(start, stop)))
+            out[begin:end] = block.reshape(-1)[: end - begin]
+        out.sub_(out.mean())
+        if offset is not None:
+            out.add_(offset)
+        return out
+
+    def _blockwise_output(self, column, offset, sizes) -> tuple[torch.Tensor, ...]:
+        params = tuple(self.mapping.parameters())
+        if torch.is_grad_enabled() and (column.requires_grad or any(p.requires_grad for p in params)):
+            return _BlockwiseGenerate.apply(weakref.ref(self), column, offset, tuple(sizes), *params)
+        return torch.split(self._blockwise_values(column, offset), list(sizes))
+
     def generate(self) -> torch.Tensor:
         """The flat vector of M generated numbers (differentiable)."""
-        return self._raw_output(int(self.step)) + self.offset
+        return self._output(int(self.step), self.offset, (self.num_generated,))[0]
+
+    def generate_pieces(self) -> dict[str, torch.Tensor]:
+        """The generated tensors by name, as :meth:`split` of :meth:`generate` gives them. For large generators
+        the backward then reads each piece's gradient where it lies: no M-sized concatenation of the gradients."""
+        pieces = self._output(int(self.step), self.offset, tuple(spec.numel for spec in self.specs))
+        return {spec.name: piece.view(spec.shape) for spec, piece in zip(self.specs, pieces)}
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cut a flat vector into the named tensors (views).
@@ -321,15 +391,26 @@ class QPAGenerator(nn.Module):
     def _make_live(self, advance: bool, reentrant_checkpointing: bool = False) -> None:
         if advance:
             self._report_non_finite()
-        flat = self.generate()
+        # Drop the previous forward's live tensors first: a pending backward keeps what it needs through its graph,
+        # and holding them here too would put two generations (2 M numbers) in memory at once.
+        self._live = None
         if reentrant_checkpointing:
-            generated, flat = flat, flat.detach().requires_grad_(True)
+            generated = self.generate()
+            flat = generated.detach().requires_grad_(True)
             flat.register_hook(functools.partial(_queue_backward, generated))
+            self._live = self.split(flat)
         else:
             # Once a backward has gone through them, the live tensors' graph is freed: a layer called on its
             # own after that (e.g. the decoder without the LM head) must get new ones.
-            flat.register_hook(functools.partial(_mark_live_consumed, weakref.ref(self)))
-        self._live = self.split(flat)
+            if self.num_generated >= BLOCKWISE_MIN_GENERATED:
+                # One tensor per piece, each gradient read where it lies (no M-sized concatenation).
+                self._live = self.generate_pieces()
+                for piece in self._live.values():
+                    piece.register_hook(functools.partial(_mark_live_consumed, weakref.ref(self)))
+            else:
+                flat = self.generate()
+                flat.register_hook(functools.partial(_mark_live_consumed, weakref.ref(self)))
+                self._live = self.split(flat)
         self._live_consumed = False
         if advance:
             with torch.no_grad():
@@ -478,6 +559,77 @@ class QPAGenerator(nn.Module):
                 f"ratio to {classical_name}: {total / classical_parameters:.2%} ({total} / {classical_parameters})"
             )
         return "\n".join(lines)
+
+
+class _BlockwiseGenerate(torch.autograd.Function):
+    """The large-generator path: ``(probability column, offset, mapping parameters) -> pieces of the M numbers``.
+
+    Forward: the MLP block by block with no activation kept, centred and offset in place (one M-sized tensor,
+    returned as views ``pieces``). Backward: the gradient of the centring is g - mean(g); each block's rows are
+    recomputed with gradients and backpropagated on their own, reading the pieces' gradients where they lie, and
+    the parameter gradients are summed over blocks. Nothing M-sized is allocated in the backward."""
+
+    @staticmethod
+    def forward(ctx, generator_ref, column, offset, sizes, *params):
+        generator = generator_ref()
+        ctx.generator_ref = generator_ref  # weak: the graph must not keep a deleted adapter's generator alive
+        ctx.sizes = sizes
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(column)
+        out = generator._blockwise_values(column, offset)
+        return tuple(torch.split(out, list(sizes)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        generator = ctx.generator_ref()
+        if generator is None:
+            raise RuntimeError("The generator of these tensors was deleted before the backward pass.")
+        (column,) = ctx.saved_tensors
+        params = list(generator.mapping.parameters())
+        need_features = ctx.needs_input_grad[1]
+        need_params = list(ctx.needs_input_grad[4:])
+        total, chunk = generator.num_generated, generator.chunk_size
+        present = [g for g in grads if g is not None]
+        if not present or not (need_features or any(need_params)):
+            return (None, None, None, None, *[None] * len(params))
+        mean = sum(g.sum() for g in present) / total
+        starts, position = [], 0
+        for size in ctx.sizes:
+            starts.append(position)
+            position += size
+
+        def gradient(begin: int, end: int) -> torch.Tensor:  # the incoming gradient of numbers [begin, end)
+            parts = []
+            for start, size, g in zip(starts, ctx.sizes, grads):
+                lo, hi = max(begin, start), min(end, start + size)
+                if lo >= hi:
+                    continue
+                if g is None:
+                    parts.append(torch.zeros(hi - lo, dtype=column.dtype, device=column.device))
+                else:
+                    parts.append(g.reshape(-1)[lo - start: hi - start])
+            return (torch.cat(parts) if len(parts) > 1 else parts[0].clone()).sub_(mean)
+
+        grad_column = torch.zeros_like(column) if need_features else None
+        grad_params = [torch.zeros_like(p) if need else None for p, need in zip(params, need_params)]
+        rows = generator.block_rows()
+        with torch.enable_grad(), torch.autocast(column.device.type, enabled=False):
+            for start in range(0, generator.n_chunks, rows):
+                stop = min(start + rows, generator.n_chunks)
+                begin, end = start * chunk, min(stop * chunk, total)
+                block_column = column[start:stop].detach().requires_grad_(need_features)
+                block_in = torch.cat([generator.basis_bits[start:stop], block_column], 1)
+                block = generator.mapping(block_in).reshape(-1)[: end - begin]
+                inputs = ([block_column] if need_features else []) + [p for p, need in zip(params, need_params) if need]
+                got = list(torch.autograd.grad(block, inputs, gradient(begin, end), allow_unused=True))
+                if need_features:
+                    grad_column[start:stop] += got.pop(0)
+                for i, need in enumerate(need_params):
+                    if need:
+                        g = got.pop(0)
+                        if g is not None:
+                            grad_params[i] += g
+        return (None, grad_column, None, None, *grad_params)
 
 
 def _mark_live_consumed(generator_ref: "weakref.ref[QPAGenerator]", grad: torch.Tensor) -> None:

@@ -41,9 +41,10 @@ class QPAConfig(QPATunerConfigMixin, GeneratorConfig, PeftConfig):
         default=True,
         metadata={
             "help": (
-                "True: the adapted model equals the base model at step 0 (A starts at LoRA's seeded Kaiming init, B "
-                "at zero; both then move with the generator). False: the raw generator output is used from the start "
-                "(nonzero delta; for tests and experiments)."
+                "True: the adapted model equals the base model at step 0 (A starts at LoRA's seeded Kaiming init and B "
+                "at zero; for embeddings, as in PEFT, A at zero and B random; a DoRA magnitude starts at the base "
+                "weight's norm; all then move with the generator). False: the raw generator output is used from the "
+                "start (nonzero delta; for tests and experiments)."
             )
         },
     )

@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..base import QPABaseModel
 from .config import QPAConfig
-from .layer import Linear, QPALayer
+from .layer import Conv2d, Embedding, Linear, QPALayer
 
 
 class QPAModel(QPABaseModel):
@@ -57,12 +57,13 @@ class QPAModel(QPABaseModel):
             "lora_alpha": qpa_config.lora_alpha,
             "lora_dropout": qpa_config.lora_dropout,
             "fan_in_fan_out": qpa_config.fan_in_fan_out,
+            "use_dora": qpa_config.use_dora,
         }
         layer_kwargs.update(get_quantization_kwargs(self))
         if isinstance(target, QPALayer):
             target.update_layer(
                 adapter_name, qpa_config.r, qpa_config.lora_alpha, qpa_config.lora_dropout,
-                inference_mode=qpa_config.inference_mode,
+                use_dora=qpa_config.use_dora, inference_mode=qpa_config.inference_mode,
             )
         else:
             new_module = self._create_new_module(qpa_config, adapter_name, target, **layer_kwargs)
@@ -74,6 +75,11 @@ class QPAModel(QPABaseModel):
     def _create_new_module(qpa_config: QPAConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         quantized = resolve_quantization_backend(base, get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass"))
+        # The same dispatch as PEFT's LoRA (peft.tuners.lora.layer.dispatch_default) for the layer types QPA supports.
+        if isinstance(base, nn.Embedding):
+            return Embedding(target, adapter_name, inference_mode=qpa_config.inference_mode, **kwargs)
+        if isinstance(base, nn.Conv2d):
+            return Conv2d(target, adapter_name, inference_mode=qpa_config.inference_mode, **kwargs)
         if isinstance(base, nn.Linear) or (quantized is not None and quantized.layer_type == "linear"):
             if kwargs["fan_in_fan_out"]:
                 warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting it to False.")
@@ -86,8 +92,8 @@ class QPAModel(QPABaseModel):
         else:
             raise TypeError(
                 f"Target module {target.__class__.__name__} ({target}) is not supported by QPA. Supported: "
-                "`torch.nn.Linear` (optionally quantized) and `transformers.pytorch_utils.Conv1D`. Change `target_modules` so that it only "
-                "matches such layers."
+                "`torch.nn.Linear` (optionally quantized), `transformers.pytorch_utils.Conv1D`, `torch.nn.Conv2d` and "
+                "`torch.nn.Embedding`. Change `target_modules` so that it only matches such layers."
             )
         return Linear(target, adapter_name, inference_mode=qpa_config.inference_mode, **kwargs)
 
