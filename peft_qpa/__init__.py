@@ -20,6 +20,8 @@ from .tuners.base import GeneratedTensor, QPABaseLayer, QPABaseModel
 from .tuners.lora import QPAConfig, QPALayer, QPAModel
 from .tuners.qt import QTConfig, QTLayer, QTModel
 from .tuners.saving import install_staged_save
+# BOTTLENECK_IMPORT
+# PREFIX_IMPORT
 
 __version__ = "0.2.0"
 
@@ -29,6 +31,8 @@ def register_qpa() -> None:
     install_staged_save()
     register(QPA, QPAConfig, QPAModel)
     register(QT, QTConfig, QTModel)
+    # BOTTLENECK_REGISTER
+    # PREFIX_REGISTER
 
 
 register_qpa()

@@ -11,6 +11,9 @@ from peft.utils.peft_types import PeftType
 
 QPA = "QPA"  # QPA-LoRA and QPA-DoRA
 QT = "QT"  # Quantum-Train: full weight generation
+QPA_BOTTLENECK = "QPA_BOTTLENECK"  # bottleneck (feed-forward) adapters whose tensors are generated
+BOTTLENECK = "BOTTLENECK"  # the classical bottleneck adapter (tensors trained directly), the baseline
+QPA_PREFIX_TUNING = "QPA_PREFIX_TUNING"  # prefix tuning whose prefixes are generated
 
 
 def ensure_peft_type(name: str) -> PeftType:

@@ -196,7 +196,7 @@ class QPABaseModel(BaseTuner):
                 names[tensor.name] = full
             layer._qpa_tensor_names[adapter_name] = names
         generator = QPAGenerator.from_config(config, specs, init_weights=getattr(config, "init_weights", True))
-        device = layers[0][1].get_base_layer().weight.device
+        device = _base_parameter(layers[0][1]).device
         # Under low_cpu_mem_usage (accelerate's init_empty_weights) the parameters are created on the meta device
         # and only materialized by the checkpoint that is loaded next; like PEFT's layers, leave them there.
         on_meta = any(p.is_meta for p in generator.parameters())
@@ -339,7 +339,7 @@ class QPABaseModel(BaseTuner):
         layers = self._targeted_layers(adapter_name)
         if not layers:
             return
-        dtype = layers[0][1].get_base_layer().weight.dtype
+        dtype = _base_parameter(layers[0][1]).dtype
         if dtype.is_floating_point:
             self._generators()[adapter_name].to(dtype)
 
@@ -367,6 +367,15 @@ class QPABaseModel(BaseTuner):
     def generator_summary(self, adapter_name: str = "default") -> str:
         """Qubits, depth, circuit/MLP parameters, M, and the ratio of trainable parameters to the classical twin's."""
         return self.get_generator(adapter_name).summary(self.classical_parameter_count(adapter_name), self.classical_name)
+
+
+def _base_parameter(layer: QPABaseLayer) -> torch.Tensor:
+    """The target's weight, or its first parameter for a target without one (e.g. a whole MLP block)."""
+    base = layer.get_base_layer()
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return next(base.parameters())
 
 
 def _refuse_distributed_reentrant_checkpointing() -> None:

@@ -97,10 +97,14 @@ def staged_directory(save_directory):
 
 
 def _has_qpa_adapter(peft_model) -> bool:
-    from ..peft_types import QPA, QT
+    from ..peft_types import BOTTLENECK, QPA, QPA_BOTTLENECK, QPA_PREFIX_TUNING, QT
 
+    ours = (QPA, QT, QPA_BOTTLENECK, BOTTLENECK, QPA_PREFIX_TUNING)
     configs = getattr(peft_model, "peft_config", {}) or {}
-    return any(getattr(config, "peft_type", None) in (QPA, QT) for config in configs.values())
+    return any(
+        getattr(config, "peft_type", None) in ours or getattr(config, "qpa_peft_type", None) in ours
+        for config in configs.values()
+    )
 
 
 def install_staged_save() -> None:
