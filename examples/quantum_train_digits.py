@@ -191,8 +191,8 @@ def main(argv=None) -> dict:
         results["qt_config"]["target_modules"] = sorted(results["qt_config"]["target_modules"])
 
     print()
-    print(f"| model | test accuracy | trainable parameters |")
-    print(f"|---|---|---|")
+    print("| model | test accuracy | trainable parameters |")
+    print("|---|---|---|")
     print(f"| classical CNN | {100 * results['models']['classical']['test_accuracy']:.2f} % | {classical_params:,} |")
     print(f"| Quantum-Train (N = {generator.n_qubits}) | {100 * qt_accuracy:.2f} % | {generator.num_trainable():,} |")
     print(f"(frozen random base alone: {100 * initial_accuracy:.2f} %; QT after merge_and_unload: "

@@ -63,6 +63,7 @@ import peft_qpa
 from peft_qpa.apps import assets
 from peft_qpa.apps.demo import BLOCK_INT, DEFAULT_LR, DROPOUT_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED_INT, Range, int_list
 from peft_qpa.apps.evaluation import perplexity, tokenize_and_group
+from peft_qpa.apps.methods import METHODS, adapter_facts, build_config, parse_targets
 
 logger = hf_logging.get_logger(__name__)
 
@@ -98,10 +99,25 @@ class DataTrainingArguments:
 
 @dataclass
 class QPAArguments:
-    method: str = field(default="qpa", metadata={"help": "qpa, or lora for the plain-LoRA baseline.", "choices": ["qpa", "lora"]})
+    method: str = field(
+        default="qpa",
+        metadata={
+            "help": "The adapter: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".",
+            "choices": list(METHODS),
+        },
+    )
     r: int = field(default=4, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=8, metadata={"help": "LoRA alpha (delta scaled by alpha / r)."})
-    target_modules: str = field(default="lm_head", metadata={"help": "Comma-separated module names, or 'all-linear'."})
+    target_modules: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names, or 'all-linear' (default: lm_head for the LoRA and DoRA methods, the "
+            "last two decoder layers' MLP blocks for the bottleneck methods, their down projections for qt; prefix "
+            "methods have no targets)."
+        },
+    )
+    bottleneck_size: int = field(default=16, metadata={"help": "Bottleneck width (bottleneck methods)."})
+    num_virtual_tokens: int = field(default=8, metadata={"help": "Prefix length (prefix methods)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     qnn_depth: int = field(default=8, metadata={"help": "QPA circuit depth L."})
     chunk_size: int = field(default=256, metadata={"help": "QPA numbers per basis state (the demo's default; fewer qubits when larger)."})
@@ -125,6 +141,8 @@ ARGUMENT_RANGES = {
     "lora_dropout": DROPOUT_FLOAT,
     "qnn_depth": POSITIVE_INT,
     "chunk_size": POSITIVE_INT,
+    "bottleneck_size": POSITIVE_INT,
+    "num_virtual_tokens": POSITIVE_INT,
     "shots_per_state": POSITIVE_INT,
     "adapter_seed": SEED_INT,
     # TrainingArguments fields that would otherwise fail deep inside the Trainer (or silently train nothing)
@@ -176,42 +194,21 @@ def learning_rate_given(argv, json_file: Optional[str]) -> bool:
                or a.startswith("--learning-rate=") for a in argv)
 
 
-def _targets(spec: str):
-    return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
-
-
 def build_peft_model(model, qpa_args: QPAArguments):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    if qpa_args.method == "lora":
-        torch.manual_seed(qpa_args.adapter_seed)
-        config = LoraConfig(
-            r=qpa_args.r, lora_alpha=qpa_args.lora_alpha, lora_dropout=qpa_args.lora_dropout,
-            target_modules=_targets(qpa_args.target_modules), task_type="CAUSAL_LM",
-        )
-    else:
-        kwargs = dict(
-            r=qpa_args.r, lora_alpha=qpa_args.lora_alpha, lora_dropout=qpa_args.lora_dropout,
-            target_modules=_targets(qpa_args.target_modules), qnn_depth=qpa_args.qnn_depth, chunk_size=qpa_args.chunk_size,
-            mapping_hidden_sizes=[int(x) for x in qpa_args.mapping_hidden_sizes.split(",") if x.strip()],
-            ansatz=qpa_args.ansatz, backend=qpa_args.backend, seed=qpa_args.adapter_seed, task_type="CAUSAL_LM",
-        )
-        if qpa_args.shots_per_state is not None:
-            kwargs["shots_per_state"] = qpa_args.shots_per_state
-        config = peft_qpa.QPAConfig(**kwargs)
+    generator = dict(
+        qnn_depth=qpa_args.qnn_depth, chunk_size=qpa_args.chunk_size, ansatz=qpa_args.ansatz, backend=qpa_args.backend,
+        mapping_hidden_sizes=[int(x) for x in qpa_args.mapping_hidden_sizes.split(",") if x.strip()],
+    )
+    if qpa_args.shots_per_state is not None:
+        generator["shots_per_state"] = qpa_args.shots_per_state
+    config = build_config(
+        qpa_args.method, model, targets=parse_targets(qpa_args.target_modules), r=qpa_args.r,
+        lora_alpha=qpa_args.lora_alpha, lora_dropout=qpa_args.lora_dropout, bottleneck_size=qpa_args.bottleneck_size,
+        num_virtual_tokens=qpa_args.num_virtual_tokens, seed=qpa_args.adapter_seed, generator=generator,
+    )
     return get_peft_model(model, config)
-
-
-def adapter_facts(pm, qpa_args: QPAArguments) -> dict:
-    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    facts = {"method": qpa_args.method, "trainable_params": trainable}
-    if qpa_args.method == "qpa":
-        tuner = pm.base_model
-        lora = int(tuner.lora_parameter_count("default"))
-        facts.update(
-            lora_params_same_r_targets=lora, ratio_to_lora=trainable / lora, n_qubits=int(tuner.get_generator("default").n_qubits)
-        )
-    return facts
 
 
 class AdapterTrainer(Trainer):
@@ -338,7 +335,7 @@ def main(argv=None):
     eval_dataset = [{"input_ids": b, "labels": list(b)} for b in eval_blocks if len(b) == block_size]
 
     model = build_peft_model(model, qpa_args)
-    facts = adapter_facts(model, qpa_args)
+    facts = {k: v for k, v in adapter_facts(model, qpa_args.method).items() if k != "generator_summary"}
     logger.info("adapter: %s", facts)
     if training_args.local_process_index == 0:
         print(f"[run_clm_qpa] adapter: {json.dumps(facts)}; processes: {training_args.world_size} "
@@ -389,8 +386,11 @@ def main(argv=None):
         trainer.save_metrics("train", metrics)
         trainer.save_state()
         metrics_all.update(metrics)
-        if qpa_args.method == "qpa" and trainer.is_world_process_zero():
-            peft_qpa.export_lora(trainer.model, os.path.join(training_args.output_dir, "lora_export"))
+        method = METHODS[qpa_args.method]
+        if method.quantum and method.family in ("lora", "dora", "prefix") and trainer.is_world_process_zero():
+            # the classical twin for plain peft: a LoRA (DoRA) adapter, or a prefix-tuning adapter
+            twin = "prefix_export" if method.family == "prefix" else "lora_export"
+            peft_qpa.export(trainer.model, os.path.join(training_args.output_dir, twin))
 
     if training_args.do_eval:
         if not eval_blocks:

@@ -4,24 +4,36 @@
 config)``, ``PeftModel.from_pretrained`` and ``AutoPeftModel*`` work as for LoRA:
 
 * ``QPAConfig`` (PEFT type ``QPA``): LoRA, or DoRA with ``use_dora=True``, whose tensors are generated;
-* ``QTConfig`` (PEFT type ``QT``): Quantum-Train, the full weight update of every target generated.
+* ``QTConfig`` (PEFT type ``QT``): Quantum-Train, the full weight update of every target generated;
+* ``QPABottleneckConfig`` (``QPA_BOTTLENECK``): bottleneck (feed-forward) adapters whose tensors are generated,
+  and ``BottleneckConfig`` (``BOTTLENECK``), the same adapters trained directly (the classical baseline);
+* ``QPAPrefixTuningConfig`` (saved as ``QPA_PREFIX_TUNING``): prefix tuning whose prefixes are generated.
+
+``export(model, dir)`` writes a member's classical twin for plain PEFT (LoRA, DoRA, prefix tuning).
 
 Layout: ``generator/`` (the circuit, its backends, the mapping MLP: usable alone), ``tuners/`` (the shared
 tuner machinery in ``base.py``, one package per method) and ``apps/`` (export, Hub upload, the demo, its
 assets and the perplexity evaluation).
 """
 
-from .apps.export import export_lora
+from .apps.export import export, export_lora
 from .apps.hub import push_to_hub
 from .generator import GeneratorConfig, QPAGenerator, TensorSpec, build_ansatz, n_qubits_for
 from .generator.backends.aer import available_fake_backends
-from .peft_types import QPA, QT, register
+from .peft_types import BOTTLENECK, QPA, QPA_BOTTLENECK, QPA_PREFIX_TUNING, QT, register
 from .tuners.base import GeneratedTensor, QPABaseLayer, QPABaseModel
+from .tuners.bottleneck import (
+    BottleneckConfig,
+    BottleneckLayer,
+    BottleneckModel,
+    QPABottleneckConfig,
+    QPABottleneckLayer,
+    QPABottleneckModel,
+)
 from .tuners.lora import QPAConfig, QPALayer, QPAModel
+from .tuners.prefix import QPAPrefixEncoder, QPAPrefixTuningConfig, install_prefix_support
 from .tuners.qt import QTConfig, QTLayer, QTModel
 from .tuners.saving import install_staged_save
-# BOTTLENECK_IMPORT
-# PREFIX_IMPORT
 
 __version__ = "0.2.0"
 
@@ -31,13 +43,18 @@ def register_qpa() -> None:
     install_staged_save()
     register(QPA, QPAConfig, QPAModel)
     register(QT, QTConfig, QTModel)
-    # BOTTLENECK_REGISTER
-    # PREFIX_REGISTER
+    register(QPA_BOTTLENECK, QPABottleneckConfig, QPABottleneckModel)
+    register(BOTTLENECK, BottleneckConfig, BottleneckModel)
+    install_prefix_support()
+    register(QPA_PREFIX_TUNING, QPAPrefixTuningConfig, QPAPrefixEncoder)
 
 
 register_qpa()
 
 __all__ = [
+    "BottleneckConfig",
+    "BottleneckLayer",
+    "BottleneckModel",
     "GeneratedTensor",
     "GeneratorConfig",
     "QPABaseLayer",
@@ -46,11 +63,17 @@ __all__ = [
     "QPAGenerator",
     "QPALayer",
     "QPAModel",
+    "QPAPrefixEncoder",
+    "QPAPrefixTuningConfig",
+    "QPABottleneckConfig",
+    "QPABottleneckLayer",
+    "QPABottleneckModel",
     "QTConfig",
     "QTLayer",
     "QTModel",
     "TensorSpec",
     "available_fake_backends",
+    "export",
     "build_ansatz",
     "export_lora",
     "n_qubits_for",

@@ -57,7 +57,8 @@ def test_demo_cli_end_to_end(tiny, tmp_path):
     assert 1.0 < before["perplexity"] < 1e4 and 1.0 < after["perplexity"] < 1e4
     adapter = summary["adapter"]
     assert adapter["method"] == "qpa" and adapter["n_qubits"] >= 1
-    assert adapter["lora_params_same_r_targets"] > 0 and adapter["trainable_params"] > 0
+    assert adapter["classical_params"] > 0 and adapter["trainable_params"] > 0
+    assert adapter["ratio_to_classical"] == adapter["trainable_params"] / adapter["classical_params"]
     # the exported plain-LoRA twin, loaded by plain peft, gives the QPA model's logits
     assert summary["outputs"]["max_abs_logit_diff_vs_qpa"] < 1e-4
 

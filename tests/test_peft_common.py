@@ -23,13 +23,15 @@ import pytest
 import torch
 
 import peft_qpa
-from peft_qpa import QPAConfig, QTConfig
+from peft_qpa import BottleneckConfig, QPABottleneckConfig, QPAConfig, QTConfig
 
 try:
     from . import peft_upstream  # tests/ imported as a package
+    from .bottleneck_cases import BOTTLENECK_TEST_CASES, MERGE_SKIP_REASON, skips_merging
     from .qt_cases import QT_TEST_CASES
 except ImportError:
     import peft_upstream
+    from bottleneck_cases import BOTTLENECK_TEST_CASES, MERGE_SKIP_REASON, skips_merging
     from qt_cases import QT_TEST_CASES
 
 try:
@@ -185,6 +187,8 @@ _upstream_skip_if_merging_not_supported = upstream._skip_if_merging_not_supporte
 
 
 def _skip_if_merging_not_supported(model_id, config_cls, config_kwargs):
+    if skips_merging(config_cls):
+        pytest.skip(MERGE_SKIP_REASON)
     if isinstance(model_id, str) and model_id.startswith("Conv2dGroups") and issubclass(config_cls, QPAConfig):
         pytest.skip("Merging conv layers with groups>1 is not supported by QPA, as by LoRA (upstream skips it for LoRA).")
     _upstream_skip_if_merging_not_supported(model_id, config_cls, config_kwargs)
@@ -199,6 +203,9 @@ def _qpa_merge_skips(monkeypatch):
     yield
 
 
+ALL_CASES = QPA_TEST_CASES + QT_TEST_CASES + BOTTLENECK_TEST_CASES
+
+
 def _case_ids(cases) -> list[str]:
     return [case[0] for case in cases]
 
@@ -206,10 +213,14 @@ def _case_ids(cases) -> list[str]:
 # Upstream case list -> ours, per argnames of the upstream ``parametrize`` mark. A test method whose parametrization
 # is none of these is specific to other methods (LoRA bias warnings, DoRA, trainable tokens, ...) and not collected.
 REPLACEMENTS = {
-    CASE_ARGNAMES: ("TEST_CASES", QPA_TEST_CASES + QT_TEST_CASES, _case_ids(QPA_TEST_CASES + QT_TEST_CASES)),
+    CASE_ARGNAMES: ("TEST_CASES", ALL_CASES, _case_ids(ALL_CASES)),
     MULTI_ARGNAMES: ("MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES", QPA_MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES,
                      _case_ids(QPA_MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES)),
-    "config_cls": ("ALL_PEFT_CONFIG_CLASSES", [QPAConfig, QTConfig], ["QPAConfig", "QTConfig"]),
+    "config_cls": (
+        "ALL_PEFT_CONFIG_CLASSES",
+        [QPAConfig, QTConfig, QPABottleneckConfig, BottleneckConfig],
+        ["QPAConfig", "QTConfig", "QPABottleneckConfig", "BottleneckConfig"],
+    ),
 }
 
 

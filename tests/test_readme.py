@@ -58,13 +58,15 @@ def test_family_snippets_run(tmp_path, monkeypatch, capsys):
 
     section = README.read_text().split("## The family", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 3, blocks
+    assert len(blocks) == 5, blocks
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         torch.manual_seed(0)
-        namespace = {"peft_qpa": peft_qpa, "get_peft_model": get_peft_model, "base": tiny_llama(), "cnn": CNN()}
+        namespace = {"peft_qpa": peft_qpa, "get_peft_model": get_peft_model, "base": tiny_llama(), "cnn": CNN(),
+                     "base_copy": tiny_llama()}
         exec(compile(block, "README family", "exec"), namespace)
         assert isinstance(namespace.get("model", namespace.get("trained_cnn")), nn.Module)
     assert '"use_dora": true' in (tmp_path / "dora-twin" / "adapter_config.json").read_text()
+    assert '"PREFIX_TUNING"' in (tmp_path / "prefix-twin" / "adapter_config.json").read_text()
     assert isinstance(namespace["trained_cnn"], CNN)
     assert "generated numbers M:" in capsys.readouterr().out

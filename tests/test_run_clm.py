@@ -200,3 +200,24 @@ def test_full_set_evaluation_cost_is_announced(tiny, tmp_path, monkeypatch, capl
         results = script.main(argv)
     warned = [r.getMessage() for r in caplog.records if "--max_eval_samples" in r.getMessage()]
     assert len(warned) == 1 and f"held-out tokens ({results['eval_samples']} blocks of 32) once" in warned[0], warned
+
+
+@pytest.mark.parametrize("method", ["qpa-dora", "qpa-bottleneck", "bottleneck", "qpa-prefix", "qt"])
+def test_every_member_trains(tiny, tmp_path, method):
+    """Each member of the family (and the bottleneck baseline) through the Trainer, with the method's default
+    targets and learning rate; QPA members with a classical twin in plain PEFT are exported."""
+    out = tmp_path / method
+    _run([sys.executable, str(SCRIPT), *_args(tiny, out, "--do_train", "--do_eval", "--max_steps", "2", "--method", method,
+                                               "--save_steps", "100", lr=None)], tmp_path)
+    results = json.loads((out / f"{method}_results.json").read_text())
+    assert results["method"] == method and results["eval_perplexity"] > 1.0
+    assert results["learning_rate"] == DEFAULT_LR[method]
+    quantum = method != "bottleneck"
+    assert ("n_qubits" in results) is quantum
+    if quantum:
+        assert results["ratio_to_classical"] == results["trainable_params"] / results["classical_params"]
+    twin = {"qpa-dora": "lora_export", "qpa-prefix": "prefix_export"}.get(method)
+    if twin:
+        peft_type = json.loads((out / twin / "adapter_config.json").read_text())["peft_type"]
+        assert peft_type == ("LORA" if method == "qpa-dora" else "PREFIX_TUNING")
+    assert (out / "adapter_config.json").is_file()

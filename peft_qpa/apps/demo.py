@@ -36,12 +36,13 @@ from . import assets
 from ..generator.circuit import ANSATZES
 from ..generator.config import BACKENDS, SEED_MAX
 from .evaluation import IGNORE_INDEX, perplexity, tokenize_and_group
+from .methods import METHODS, adapter_facts, build_config, parse_targets
 
 logger = logging.get_logger(__name__)
 
 DEFAULT_OUTPUT_DIR = os.path.join("outputs", "demo")
 # best of a 60-step sweep on SmolLM2-135M / Shakespeare, lm_head r=4 (docs/results/demo_lr_sweep.json)
-DEFAULT_LR = {"qpa": 1e-2, "lora": 3e-3}
+DEFAULT_LR = {name: method.lr for name, method in METHODS.items()}
 
 
 class Range:
@@ -131,10 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", default=None, help="Cache for fetched assets (default: $PEFT_QPA_CACHE or ~/.cache/peft_qpa).")
 
     qpa = p.add_argument_group("adapter")
-    qpa.add_argument("--method", choices=("qpa", "lora"), default="qpa", help="Adapter to train; 'lora' is the plain-LoRA baseline.")
+    qpa.add_argument(
+        "--method", choices=tuple(METHODS), default="qpa",
+        help="Adapter to train: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".",
+    )
     qpa.add_argument("--r", type=POSITIVE_INT, default=4, help="LoRA rank of the generated matrices.")
     qpa.add_argument("--lora-alpha", type=POSITIVE_FLOAT, default=8, help="LoRA alpha (delta scaled by alpha / r).")
-    qpa.add_argument("--target-modules", default="lm_head", help="Comma-separated module names to adapt, or 'all-linear'.")
+    qpa.add_argument(
+        "--target-modules", default=None,
+        help="Comma-separated module names to adapt, or 'all-linear' (default: lm_head for the LoRA and DoRA methods, the "
+        "last two decoder layers' MLP blocks for the bottleneck methods, their down projections for qt; prefix methods "
+        "have no targets).",
+    )
+    qpa.add_argument("--bottleneck-size", type=POSITIVE_INT, default=16, help="Bottleneck width (bottleneck methods).")
+    qpa.add_argument("--num-virtual-tokens", type=POSITIVE_INT, default=8, help="Prefix length (prefix methods).")
     qpa.add_argument("--qnn-depth", type=POSITIVE_INT, default=8, help="Circuit depth L.")
     qpa.add_argument("--chunk-size", type=POSITIVE_INT, default=256, help="Numbers generated per basis state; fewer qubits when larger.")
     qpa.add_argument("--mapping-hidden-sizes", type=int_list, default="32,64,128,128,64,32", help="Hidden widths of the mapping MLP (comma-separated).")
@@ -226,59 +237,34 @@ def evenly_spaced_windows(stream: list[int], block_size: int, max_tokens: Option
 # --------------------------------------------------------------------------------------------------------
 # adapter
 # --------------------------------------------------------------------------------------------------------
-def _targets(spec: str):
-    return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
-
-
 def _ints(spec: str) -> list[int]:
     return [int(x) for x in spec.split(",") if x.strip()]
 
 
 def build_adapter_model(model, args):
-    """The PEFT model for ``args.method`` plus a description dict (params, qubits, ratio)."""
-    from peft import LoraConfig, get_peft_model
+    """The PEFT model for ``args.method`` plus a description dict (params, qubits, ratio to the classical twin)."""
+    from peft import get_peft_model
 
-    targets = _targets(args.target_modules)
-    if args.method == "lora":
-        config = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
-        torch.manual_seed(args.seed)
-        pm = get_peft_model(model, config)
-        trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-        return pm, {"method": "lora", "trainable_params": trainable, "lora_params_same_r_targets": trainable, "ratio_to_lora": 1.0}
-
-    import peft_qpa
-
-    kwargs = dict(
-        r=args.r,
-        lora_alpha=args.lora_alpha,
-        target_modules=targets,
+    generator = dict(
         qnn_depth=args.qnn_depth,
         chunk_size=args.chunk_size,
         mapping_hidden_sizes=_ints(args.mapping_hidden_sizes),
         ansatz=args.ansatz,
         backend=args.backend,
-        seed=args.seed,
-        task_type="CAUSAL_LM",
     )
     if args.shots_per_state is not None:
-        kwargs["shots_per_state"] = args.shots_per_state
-    config = peft_qpa.QPAConfig(**kwargs)
+        generator["shots_per_state"] = args.shots_per_state
+    config = build_config(
+        args.method, model, targets=parse_targets(args.target_modules), r=args.r, lora_alpha=args.lora_alpha,
+        bottleneck_size=args.bottleneck_size, num_virtual_tokens=args.num_virtual_tokens, seed=args.seed,
+        generator=generator,
+    )
     pm = get_peft_model(model, config)
-    tuner = pm.base_model
-    gen = tuner.get_generator("default")
-    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    lora = int(tuner.lora_parameter_count("default"))
-    return pm, {
-        "method": "qpa",
-        "trainable_params": trainable,
-        "lora_params_same_r_targets": lora,
-        "ratio_to_lora": trainable / lora,
-        "n_qubits": int(gen.n_qubits),
-        "qnn_depth": args.qnn_depth,
-        "chunk_size": args.chunk_size,
-        "backend": args.backend,
-        "generator_summary": tuner.generator_summary("default"),
-    }
+    facts = adapter_facts(pm, args.method)
+    facts["target_modules"] = sorted(config.target_modules) if isinstance(getattr(config, "target_modules", None), set) else getattr(config, "target_modules", None)
+    if METHODS[args.method].quantum:
+        facts.update(qnn_depth=args.qnn_depth, chunk_size=args.chunk_size, backend=args.backend)
+    return pm, facts
 
 
 # PEFT's warning when an adapter targets a layer tied to the input embedding (lm_head of SmolLM2). PEFT emits it
@@ -489,17 +475,20 @@ def _run(args, argv: list[str]) -> dict:
     say(f"held-out perplexity before: {before.perplexity:.3f} ({before.n_tokens} tokens)")
 
     # 4. adapter
-    base_copy = copy.deepcopy(model) if not args.no_export_check and args.method == "qpa" else None
+    method = METHODS[args.method]
+    # QPA members with a classical twin in plain PEFT (LoRA, DoRA, prefix tuning): exported and checked below
+    has_twin = method.quantum and method.family in ("lora", "dora", "prefix")
+    base_copy = copy.deepcopy(model) if not args.no_export_check and has_twin else None
     with tied_embedding_warning_explained(say):
         pm, adapter_desc = build_adapter_model(model, args)
-    if args.method == "qpa":
+    if method.quantum:
         say(
-            f"QPA: {adapter_desc['trainable_params']:,} trainable parameters vs {adapter_desc['lora_params_same_r_targets']:,} "
-            f"for LoRA with r={args.r} on {args.target_modules} ({adapter_desc['ratio_to_lora']:.1%}); "
-            f"{adapter_desc['n_qubits']} qubits, depth {args.qnn_depth}"
+            f"{args.method}: {adapter_desc['trainable_params']:,} trainable parameters vs "
+            f"{adapter_desc['classical_params']:,} for its classical twin on {adapter_desc['target_modules']} "
+            f"({adapter_desc['ratio_to_classical']:.1%}); {adapter_desc['n_qubits']} qubits, depth {args.qnn_depth}"
         )
     else:
-        say(f"LoRA: {adapter_desc['trainable_params']:,} trainable parameters")
+        say(f"{args.method}: {adapter_desc['trainable_params']:,} trainable parameters")
 
     # 5. train
     t = time.perf_counter()
@@ -520,16 +509,16 @@ def _run(args, argv: list[str]) -> dict:
     # matrix into the adapter whenever they are targeted (28M numbers for SmolLM2)
     pm.save_pretrained(str(adapter_dir), save_embedding_layers=False)
     export = {}
-    if args.method == "qpa":
+    if has_twin:
         import peft_qpa
 
-        lora_dir = out_dir / "lora_adapter"
-        peft_qpa.export_lora(pm, str(lora_dir), adapter_name="default")
-        export["lora_adapter_dir"] = str(lora_dir)
+        twin_dir = out_dir / ("prefix_adapter" if method.family == "prefix" else "lora_adapter")
+        peft_qpa.export(pm, str(twin_dir), adapter_name="default")
+        export["classical_adapter_dir"] = str(twin_dir)
         if base_copy is not None:
             with tied_embedding_warning_explained(None):  # already explained when the adapter was built
-                export["max_abs_logit_diff_vs_qpa"] = check_export(base_copy, pm, lora_dir, eval_windows[0])
-            say(f"exported plain-LoRA twin to {lora_dir} (max |logit diff| vs QPA: {export['max_abs_logit_diff_vs_qpa']:.2e})")
+                export["max_abs_logit_diff_vs_qpa"] = check_export(base_copy, pm, twin_dir, eval_windows[0])
+            say(f"exported the classical twin to {twin_dir} (max |logit diff| vs QPA: {export['max_abs_logit_diff_vs_qpa']:.2e})")
             del base_copy
     plot_path = out_dir / "loss_curve.png"
     title = f"{args.method.upper()} on {Path(loaded.path).name if loaded.gguf_file else loaded.source}: held-out ppl {before.perplexity:.2f} -> {after.perplexity:.2f}"
@@ -580,21 +569,20 @@ def _run(args, argv: list[str]) -> dict:
         "\n".join(
             [
                 "",
-                f"QPA demo finished in {timings['total']:.0f}s" if args.method == "qpa" else f"LoRA run finished in {timings['total']:.0f}s",
+                f"QPA demo ({args.method}) finished in {timings['total']:.0f}s" if method.quantum else f"{args.method} run finished in {timings['total']:.0f}s",
                 f"  model:                 {loaded.source}",
                 f"  held-out perplexity:   {before.perplexity:.3f} -> {after.perplexity:.3f} "
                 f"({summary['perplexity_change_pct']:+.1f}%, {after.n_tokens} tokens)",
                 f"  trainable parameters:  {adapter_desc['trainable_params']:,}"
                 + (
-                    f" (LoRA with the same r={args.r} and targets: {adapter_desc['lora_params_same_r_targets']:,}; "
-                    f"{adapter_desc['ratio_to_lora']:.1%})"
-                    if args.method == "qpa"
+                    f" (its classical twin: {adapter_desc['classical_params']:,}; {adapter_desc['ratio_to_classical']:.1%})"
+                    if method.quantum
                     else ""
                 ),
-                *([f"  qubits:                {adapter_desc['n_qubits']} (depth {args.qnn_depth}, {args.backend})"] if args.method == "qpa" else []),
+                *([f"  qubits:                {adapter_desc['n_qubits']} (depth {args.qnn_depth}, {args.backend})"] if method.quantum else []),
                 f"  wall time:             {timings['total']:.0f}s (training {timings['train']:.0f}s)",
                 f"  outputs:               {out_dir}/ (summary.json, loss_curve.png, {adapter_dir.name}/"
-                + (", lora_adapter/)" if args.method == "qpa" else ")"),
+                + (f", {Path(export['classical_adapter_dir']).name}/)" if "classical_adapter_dir" in export else ")"),
             ]
         )
     )

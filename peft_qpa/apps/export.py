@@ -1,4 +1,8 @@
-"""Export a QPA adapter as a standard PEFT LoRA adapter: inference then needs no quantum software."""
+"""Export a QPA adapter as its classical twin, a plain PEFT adapter: inference then needs no quantum software.
+
+:func:`export` is the one entry point for every member: QPA-LoRA/QPA-DoRA -> a LoRA (DoRA) adapter
+(:func:`export_lora`), QPA prefix tuning -> a prefix-tuning adapter (:func:`export_prefix`). Members without a
+plain-PEFT equivalent (Quantum-Train, bottleneck adapters) raise ``ValueError``."""
 
 from __future__ import annotations
 
@@ -6,14 +10,98 @@ import json
 import os
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PrefixTuningConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from ..peft_types import BOTTLENECK, QPA, QPA_BOTTLENECK, QPA_PREFIX_TUNING, QT
 from ..tuners.lora.layer import Conv2d, Embedding, QPALayer
+from ..tuners.prefix.model import GENERATOR_KEY, PROMPT_EMBEDDINGS_KEY, QPAPrefixEncoder, is_qpa_prefix
 from ..tuners.saving import staged_directory
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _method(config) -> str:
+    """The adapter's type in peft_qpa's terms (``QPA_PREFIX_TUNING`` for ours, whose ``peft_type`` is PEFT's)."""
+    kind = getattr(config, "qpa_peft_type", None) or getattr(config, "peft_type", None)
+    return str(getattr(kind, "value", kind))
+
+
+def export(model, save_directory: str, adapter_name: str = "default"):
+    """Write the adapter's classical twin as a plain PEFT adapter, which ``peft`` loads without ``peft_qpa``.
+
+    * QPA-LoRA / QPA-DoRA (``QPAConfig``): a LoRA adapter (a DoRA adapter for ``use_dora=True``), see
+      :func:`export_lora`;
+    * QPA prefix tuning (``QPAPrefixTuningConfig``): a prefix-tuning adapter (``PrefixTuningConfig``) whose prompt
+      embeddings are the generated prefixes, see :func:`export_prefix`.
+
+    Returns the PEFT config written. Raises ``ValueError`` for a member without a plain-PEFT equivalent:
+    Quantum-Train (use ``merge_and_unload()``) and bottleneck adapters.
+    """
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or adapter_name not in configs:
+        names = list(configs) if isinstance(configs, dict) else []
+        raise ValueError(f"No adapter named {adapter_name!r} to export; adapters: {names}.")
+    method = _method(configs[adapter_name])
+    if method == QPA:
+        return export_lora(model, save_directory, adapter_name=adapter_name)
+    if method == QPA_PREFIX_TUNING:
+        return export_prefix(model, save_directory, adapter_name=adapter_name)
+    if method == QT:
+        raise ValueError(
+            f"Adapter {adapter_name!r} is Quantum-Train (QT): it generates the full weight update of its targets, which "
+            "has no plain-PEFT adapter type. Use merge_and_unload() to get a classical model with the trained weights "
+            "(save it with save_pretrained)."
+        )
+    if method in (QPA_BOTTLENECK, BOTTLENECK):
+        raise ValueError(
+            f"Adapter {adapter_name!r} is a bottleneck adapter ({method}): there is no plain-PEFT equivalent (PEFT has "
+            "no bottleneck adapter type), so it cannot be exported. Keep it as it is (peft_qpa loads it), or use "
+            "merge_and_unload() where the adapter supports merging."
+        )
+    raise ValueError(f"Adapter {adapter_name!r} is a {method} adapter, not a peft_qpa member: there is nothing to export.")
+
+
+def export_prefix(peft_model, save_directory: str, adapter_name: str = "default") -> PrefixTuningConfig:
+    """Write a QPA prefix-tuning adapter as a plain PEFT prefix-tuning adapter (``peft_type: PREFIX_TUNING``).
+
+    ``prompt_embeddings`` (PEFT's key for prefix tuning's table, ``num_virtual_tokens`` x ``num_layers * 2 *
+    token_dim``) holds the generated prefixes as they are now, in float32; the config is the same prefix tuning
+    (``prefix_projection=False``, the same ``num_virtual_tokens``, ``token_dim``, ``num_layers``, heads, task type).
+    Plain ``peft`` loads it with ``PeftModel.from_pretrained`` and gives the same logits in the forward. Its
+    ``generate()`` is then PEFT's own, with PEFT's behaviour. Entries of ``modules_to_save`` are exported too.
+    Returns the ``PrefixTuningConfig`` written."""
+    config = peft_model.peft_config.get(adapter_name)
+    encoders = getattr(peft_model, "prompt_encoder", None)
+    encoder = encoders[adapter_name] if encoders is not None and adapter_name in encoders else None
+    if config is None or not is_qpa_prefix(config) or not isinstance(encoder, QPAPrefixEncoder):
+        raise ValueError(f"{adapter_name!r} is not a QPA prefix-tuning adapter of this model.")
+    _refuse_to_overwrite_another_adapter(save_directory, expected="PREFIX_TUNING")
+    state_dict = {}
+    for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items():
+        if not key.startswith(GENERATOR_KEY):
+            state_dict[key] = value.detach().clone().contiguous()
+    state_dict[PROMPT_EMBEDDINGS_KEY] = encoder.adapter_state_dict()[PROMPT_EMBEDDINGS_KEY]
+    prefix_config = PrefixTuningConfig(
+        task_type=config.task_type,
+        num_virtual_tokens=config.num_virtual_tokens,
+        token_dim=config.token_dim,
+        num_transformer_submodules=config.num_transformer_submodules,
+        num_attention_heads=config.num_attention_heads,
+        num_layers=config.num_layers,
+        encoder_hidden_size=config.encoder_hidden_size,
+        prefix_projection=False,
+        modules_to_save=config.modules_to_save,
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
+        inference_mode=True,
+    )
+    with staged_directory(save_directory) as staging:
+        save_file({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()},
+                  os.path.join(staging, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        prefix_config.save_pretrained(staging)
+    return prefix_config
 
 
 def export_lora(peft_model, save_directory: str, adapter_name: str = "default") -> LoraConfig:
@@ -83,8 +171,8 @@ def _layer_entries(module: QPALayer, key: str, adapter_name: str) -> dict:
     return {k: v.clone().contiguous() for k, v in entries.items()}
 
 
-def _refuse_to_overwrite_another_adapter(save_directory) -> None:
-    """Exporting over a QPA adapter (or any non-LoRA adapter) would destroy its generator: refuse."""
+def _refuse_to_overwrite_another_adapter(save_directory, expected: str = "LORA") -> None:
+    """Exporting over a QPA adapter (or any adapter of another type than ``expected``) would destroy it: refuse."""
     config_path = os.path.join(os.fspath(save_directory), "adapter_config.json")
     if not os.path.isfile(config_path):
         return
@@ -93,9 +181,10 @@ def _refuse_to_overwrite_another_adapter(save_directory) -> None:
             peft_type = json.load(f).get("peft_type")
     except (OSError, ValueError):
         peft_type = "unreadable"
-    if peft_type != "LORA":
+    if peft_type != expected:
         kind = "a QPA adapter" if peft_type == "QPA" else f"an adapter of type {peft_type!r}"
+        twin = "LoRA" if expected == "LORA" else "prefix-tuning"
         raise ValueError(
-            f"{save_directory} holds {kind}; exporting the LoRA twin there would overwrite it (as a QPA adapter, its "
+            f"{save_directory} holds {kind}; exporting the {twin} twin there would overwrite it (as a QPA adapter, its "
             "generator would be lost). Export into another directory, e.g. f'{save_directory}-lora'."
         )

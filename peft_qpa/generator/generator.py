@@ -53,7 +53,10 @@ class TensorSpec:
     """A named tensor the generator fills, with the initialization it starts from.
 
     ``init`` is ``"zeros"``, ``"kaiming_uniform"`` (LoRA's A: bound 1/sqrt(fan_in), fan_in = last dim),
-    or ``"ones"`` (e.g. a DoRA magnitude relative to the base norm).
+    ``"ones"`` (e.g. a DoRA magnitude relative to the base norm) or ``"normal"`` (standard normal N(0, 1), as
+    ``torch.nn.Embedding`` initializes its weight, e.g. PEFT's prefix-tuning embedding). The ``"normal"`` tensors
+    are drawn in float32, in order, from a stream of their own seeded with the generator's seed alone: the first
+    equals ``torch.manual_seed(seed); torch.randn(shape)``, whatever the circuit and the other tensors are.
     """
 
     name: str
@@ -65,7 +68,9 @@ class TensorSpec:
         return math.prod(self.shape)
 
 
-def _init_tensor(spec: TensorSpec, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+def _init_tensor(
+    spec: TensorSpec, generator: torch.Generator, dtype: torch.dtype, normal_generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     if spec.init == "zeros":
         return torch.zeros(spec.shape, dtype=dtype)
     if spec.init == "ones":
@@ -74,6 +79,9 @@ def _init_tensor(spec: TensorSpec, generator: torch.Generator, dtype: torch.dtyp
         # nn.init.kaiming_uniform_(a=sqrt(5)) as LoRA does: bound = 1 / sqrt(fan_in)
         bound = 1.0 / math.sqrt(spec.shape[-1])
         return (torch.rand(spec.shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).to(dtype)
+    if spec.init == "normal":
+        # nn.Embedding's init (normal_ on a float32 tensor), from the stream seeded with the seed alone
+        return torch.randn(spec.shape, generator=normal_generator, dtype=torch.float32).to(dtype)
     raise ValueError(f"Unknown init {spec.init!r} for tensor {spec.name!r}.")
 
 
@@ -175,7 +183,8 @@ class QPAGenerator(nn.Module):
         self.register_buffer("offset", torch.zeros(self.num_generated, dtype=dtype))
         if init_weights and not self.angles.is_meta:  # on meta (low_cpu_mem_usage) the checkpoint provides it
             with torch.no_grad():
-                init = torch.cat([_init_tensor(s, rng, dtype).reshape(-1) for s in self.specs])
+                normal_rng = torch.Generator().manual_seed(seed)
+                init = torch.cat([_init_tensor(s, rng, dtype, normal_rng).reshape(-1) for s in self.specs])
                 self.offset.copy_(init - self._raw_output(step=0))
 
     @classmethod

@@ -121,6 +121,7 @@ class QPABaseModel(BaseTuner):
     # trained result without quantum software (the model card).
     classical_name: str = "the classical adapter with the same shapes"
     card_classical_use: str = ""
+    card_tags: tuple[str, ...] = ()  # the method's model-card tags, besides qpa, quantum, peft-qpa
 
     def card_description(self, config, targets) -> str:
         """The model card's "This adapter is ..." phrase."""
@@ -214,7 +215,7 @@ class QPABaseModel(BaseTuner):
 
         config._model_card_facts = card_facts(config, generator, self.classical_parameter_count(adapter_name), self)
         if hasattr(self.model, "add_model_tags"):
-            self.model.add_model_tags(list(TAGS))
+            self.model.add_model_tags(list(TAGS) + list(self.card_tags))
         logger.info("%s adapter %r:\n%s", self.peft_type_name, adapter_name, self.generator_summary(adapter_name))
 
     def _snapshot_keys(self, adapter_name: str) -> list[str]:

@@ -7,7 +7,7 @@ import re
 
 from huggingface_hub import ModelCard, ModelCardData
 
-TAGS = ("qpa", "quantum", "lora", "peft-qpa")
+TAGS = ("qpa", "quantum", "peft-qpa")  # every adapter of this package; each method adds its own (card_tags)
 SECTION_START = "<!-- peft-qpa:start -->"
 SECTION_END = "<!-- peft-qpa:end -->"
 
@@ -21,6 +21,7 @@ def card_facts(config, generator, classical_parameters: int, tuner=None) -> dict
         "description": tuner.card_description(config, targets) if tuner is not None else f"an adapter (targets: {targets})",
         "classical_name": getattr(tuner, "classical_name", "the classical twin"),
         "classical_use": getattr(tuner, "card_classical_use", ""),
+        "tags": list(getattr(tuner, "card_tags", ())),
         "qubits": generator.n_qubits,
         "depth": config.qnn_depth,
         "ansatz": config.ansatz,
@@ -68,7 +69,7 @@ Perspective for Parameter-Efficient Learning", ICLR 2025, [arXiv:2410.09846](htt
 With peft-qpa (the generator can be trained further):
 
 ```python
-import peft_qpa  # registers the QPA method with PEFT
+import peft_qpa  # registers the peft-qpa methods with PEFT
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -84,7 +85,7 @@ def update_model_card(save_directory: str, facts: dict, base_model: str | None =
     path = os.path.join(save_directory, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
     card.data["library_name"] = "peft"
-    card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(TAGS))
+    card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(TAGS) | set(facts.get("tags", ())))
     if base_model and not card.data.get("base_model"):
         card.data["base_model"] = base_model
     section = _section(facts, base_model)

@@ -39,6 +39,7 @@ class QPAModel(QPABaseModel):
     tuner_layer_cls = QPALayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     classical_name = "LoRA with the same r and targets"
+    card_tags = ("lora",)
     card_classical_use = (
         "Without any quantum software: export the generated matrices once with\n"
         '`peft_qpa.export_lora(model, "lora-twin")`; the result is a standard LoRA adapter that plain `peft` loads\n'

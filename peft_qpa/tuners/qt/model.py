@@ -34,6 +34,7 @@ class QTModel(QPABaseModel):
     # No default targets: Quantum-Train generates every weight of what it targets, so the choice is the user's.
     target_module_mapping: dict = {}
     classical_name = "the target weights trained directly"
+    card_tags = ("quantum-train",)
     card_classical_use = (
         "Without any quantum software: merge the generated update into the weights once with\n"
         "`model.merge_and_unload()`; the result is the plain network (the same class as the base model), which\n"

@@ -1,0 +1,269 @@
+"""QPA prefix tuning: a prompt encoder that holds the quantum generator, and the three small PEFT hooks it needs.
+
+PEFT builds, saves and runs prefix tuning in ``PeftModel`` itself (prompt learning is not a ``BaseTuner``), and
+dispatches on ``config.peft_type`` with explicit lists; a config of ours reports ``PREFIX_TUNING`` at run time
+(``QPAPrefixTuningConfig``), so PEFT's prompt-learning paths (``get_prompt``, the forward of every task class, the
+prompt-learning config preparation) run unchanged. Three points need our code, each wrapped once (idempotent) and
+only taken for adapters whose config has ``qpa_peft_type == "QPA_PREFIX_TUNING"``; plain PEFT adapters go straight to
+PEFT's code:
+
+* ``PeftModel._setup_prompt_encoder``: after PEFT's setup (freezing, word embeddings, prompt tokens), the
+  ``PrefixEncoder`` it built is replaced by :class:`QPAPrefixEncoder` (both are built under a forked RNG: the
+  caller's RNG is not advanced, and the adapter depends on its ``seed`` alone). Gradient checkpointing is refused with a clear message, here and
+  again at each training forward (e.g. when a Trainer turns it on later).
+* ``PrefixEncoder._get_adapter_state_dict`` (what ``get_peft_model_state_dict`` saves for a ``PREFIX_TUNING`` config):
+  ours saves the generated prefixes (``prompt_embeddings``, PEFT's key: the snapshot) and the generator
+  (``qpa_prefix_generator.*``). Loading needs no hook: PEFT calls the encoder's own ``_load_adapter_state_dict``.
+* ``PeftModelForCausalLM.prepare_inputs_for_generation``: PEFT 0.21's version looks for transformers 4's
+  ``past_key_values``/``cache_position`` arguments; with transformers 5 (``cache``) it loses the prefix. Ours puts the
+  prefix into the (empty) cache of the first step, or into a fresh cache at every step without cache, and shifts the
+  attention mask and position ids by the P virtual tokens, so that ``generate()`` equals greedy decoding with the
+  forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.prefix_tuning.model import PrefixEncoder
+from peft.tuners.tuners_utils import BasePromptEncoder
+from torch import nn
+from transformers import DynamicCache
+
+from ...generator import QPAGenerator, TensorSpec
+from ...peft_types import QPA_PREFIX_TUNING
+
+PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # PEFT's key for prefix tuning's table: the generated snapshot
+GENERATOR_KEY = "qpa_prefix_generator."  # the generator's state, saved beside it
+TENSOR_NAME = "prefix"
+CLASSICAL_NAME = "classical prefix tuning with the same shapes (PEFT PrefixTuningConfig, prefix_projection=False)"
+
+GRADIENT_CHECKPOINTING_MESSAGE = (
+    "QPA prefix tuning does not work with gradient checkpointing, as PEFT's prefix tuning does not: the prefixes "
+    "enter every layer through the key/value cache, which checkpointed layers would extend again when they are "
+    "recomputed. Turn it off (model.gradient_checkpointing_disable(), or TrainingArguments(gradient_checkpointing="
+    "False)); prefix tuning keeps no activations of its own beyond the model's."
+)
+
+
+def is_qpa_prefix(config: Any) -> bool:
+    """Whether ``config`` is a QPA prefix-tuning config (PEFT type ``PREFIX_TUNING`` at run time)."""
+    return getattr(config, "qpa_peft_type", None) == QPA_PREFIX_TUNING
+
+
+def _checkpointing_on(model: nn.Module) -> bool:
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
+class PrefixSnapshot(nn.Module):
+    """The generated prefixes' last value (a buffer, saved as ``prompt_embeddings``), read by PEFT as
+    ``prompt_encoder.embedding.weight`` (e.g. in inference mode): reading ``weight`` regenerates it first if the
+    generator changed."""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, generator: QPAGenerator):
+        super().__init__()
+        self.register_buffer("snapshot", torch.zeros(shape, dtype=dtype))
+        object.__setattr__(self, "_generator", generator)  # not a submodule: the encoder owns it
+
+    @property
+    def weight(self) -> torch.Tensor:
+        self._generator.refresh_snapshot()
+        return self.snapshot
+
+
+class QPAPrefixEncoder(BasePromptEncoder):
+    """PEFT's prefix-tuning encoder (``prefix_projection=False``), with its table generated.
+
+    ``forward(prefix_tokens)`` returns ``(batch, num_virtual_tokens, num_layers * 2 * token_dim)`` as
+    ``PrefixEncoder`` does: the generator's live, differentiable output while gradients are needed (one generation per
+    forward; a training forward advances the generator's step), the snapshot otherwise."""
+
+    prefix = "qpa_prefix_"
+    classical_name = CLASSICAL_NAME
+
+    def __init__(self, config):
+        super().__init__()
+        if not is_qpa_prefix(config):
+            raise ValueError(f"QPAPrefixEncoder needs a QPAPrefixTuningConfig, got {type(config).__name__}.")
+        missing = [n for n in ("token_dim", "num_layers") if getattr(config, n) is None]
+        if missing:
+            raise ValueError(f"QPAPrefixTuningConfig.{missing[0]} is not set (get_peft_model reads it from the model).")
+        self.prefix_projection = False
+        shape = (config.num_virtual_tokens, config.num_layers * 2 * config.token_dim)
+        init = "zeros" if config.init_weights == "zero" else "normal"
+        self.generator = QPAGenerator.from_config(config, [TensorSpec(TENSOR_NAME, shape, init)])
+        self.embedding = PrefixSnapshot(shape, self.generator.offset.dtype, self.generator)
+        self.generator.attach_snapshot({TENSOR_NAME: (self.embedding._buffers, "snapshot")})
+        self.generator.requires_grad_(not config.inference_mode)
+        self.generator.refresh_snapshot()
+        self._base_model: Optional[nn.Module] = None
+
+    def attach(self, base_model: nn.Module) -> None:
+        """The model the prefixes go into (checked for gradient checkpointing at each training forward)."""
+        object.__setattr__(self, "_base_model", base_model)
+
+    def get_generator(self) -> QPAGenerator:
+        return self.generator
+
+    def forward(self, prefix_tokens: torch.Tensor) -> torch.Tensor:
+        if self.training and self._base_model is not None and torch.is_grad_enabled() and _checkpointing_on(self._base_model):
+            raise ValueError(GRADIENT_CHECKPOINTING_MESSAGE)
+        live = self.generator.live_tensors(training=self.training)
+        table = live[TENSOR_NAME] if live is not None else self.embedding.snapshot
+        return table[prefix_tokens]
+
+    # --- reporting ----------------------------------------------------------------------------------------
+    def classical_parameter_count(self) -> int:
+        """Parameters of classical prefix tuning with the same shapes (PEFT's table): M."""
+        return self.generator.num_generated
+
+    def generator_summary(self) -> str:
+        """Qubits, depth, M, the trainable parameters by part and their ratio to classical prefix tuning's."""
+        return self.generator.summary(self.classical_parameter_count(), CLASSICAL_NAME)
+
+    # --- saving and loading (PEFT's prompt-learning hooks) ------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What is saved: the generated prefixes under PEFT's key (a fresh snapshot) and the generator."""
+        self.generator.refresh_snapshot(force=True)
+        state = {PROMPT_EMBEDDINGS_KEY: self.embedding.snapshot.detach().cpu().clone()}
+        for key, value in self.generator.state_dict().items():
+            state[GENERATOR_KEY + key] = value.detach().cpu().clone()
+        return state
+
+    def _load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if PROMPT_EMBEDDINGS_KEY not in state_dict:
+            raise ValueError(f"A QPA prefix-tuning adapter's weights must contain {PROMPT_EMBEDDINGS_KEY!r}.")
+        snapshot = state_dict[PROMPT_EMBEDDINGS_KEY]
+        if tuple(snapshot.shape) != tuple(self.embedding.snapshot.shape):
+            raise ValueError(
+                f"The saved prefixes have shape {tuple(snapshot.shape)}, the model needs "
+                f"{tuple(self.embedding.snapshot.shape)} (num_virtual_tokens x num_layers * 2 * token_dim): the "
+                "adapter was trained for another model or another num_virtual_tokens."
+            )
+        generator_state = {k[len(GENERATOR_KEY):]: v for k, v in state_dict.items() if k.startswith(GENERATOR_KEY)}
+        if generator_state:
+            self.generator.load_state_dict(generator_state, strict=True)
+        with torch.no_grad():
+            self.embedding.snapshot.copy_(snapshot.to(self.embedding.snapshot.device))
+        if not generator_state:
+            warnings.warn(
+                "The loaded QPA prefix-tuning weights hold the prefixes but no generator: inference uses the loaded "
+                "prefixes; training would start again from the generator's own output.",
+                UserWarning,
+                stacklevel=2,
+            )
+        else:
+            worst, tolerance, beyond, total = self.generator.snapshot_disagreement()
+            if beyond:
+                warnings.warn(
+                    f"QPA prefix-tuning adapter: the loaded prefixes and the output regenerated from the loaded generator "
+                    f"disagree (max |difference| {worst:.3g} in {beyond} of {total} numbers; rounding allows "
+                    f"{tolerance:.2g}). The adapter's files changed after it was saved (a corrupted weights file, or an "
+                    "edited adapter_config.json field that keeps the shapes). Inference uses the loaded prefixes; "
+                    "training would continue from the generator, whose output differs.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        self.generator.mark_snapshot_fresh()
+
+
+# --- the PEFT hooks ---------------------------------------------------------------------------------------
+def _setup_prompt_encoder_wrapper(original):
+    @functools.wraps(original)
+    def _setup_prompt_encoder(self, adapter_name: str):
+        config = self.peft_config[adapter_name]
+        if not is_qpa_prefix(config):
+            return original(self, adapter_name)
+        if _checkpointing_on(self.get_base_model()):
+            raise ValueError(GRADIENT_CHECKPOINTING_MESSAGE)
+        # Neither PEFT's PrefixEncoder (replaced below) nor building the generator (its layers are created before
+        # they are re-initialised from `seed`) advances the caller's RNG: the adapter depends on `seed` alone.
+        with torch.random.fork_rng(devices=[]):
+            original(self, adapter_name)
+            encoder = QPAPrefixEncoder(config)
+        encoder.attach(self.get_base_model())
+        self.prompt_encoder[adapter_name] = encoder.to(self.device)
+
+    _setup_prompt_encoder.__peft_qpa__ = True
+    return _setup_prompt_encoder
+
+
+def _get_adapter_state_dict_wrapper(original):
+    # ``original`` is PrefixEncoder's (bound) classmethod as PEFT defines it.
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        if is_qpa_prefix(config):
+            return model.prompt_encoder[adapter_name].adapter_state_dict()
+        return original(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+
+    _get_adapter_state_dict.__peft_qpa__ = True
+    _get_adapter_state_dict.__wrapped__ = original
+    return classmethod(_get_adapter_state_dict)
+
+
+def _prepare_inputs_wrapper(original):
+    @functools.wraps(original)
+    def prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.Tensor] = None, **kwargs):
+        if not is_qpa_prefix(self.active_peft_config):
+            return original(self, *args, task_ids=task_ids, **kwargs)
+        return prepare_prefixed_inputs(self, *args, **kwargs)
+
+    prepare_inputs_for_generation.__peft_qpa__ = True
+    return prepare_inputs_for_generation
+
+
+def prepare_prefixed_inputs(peft_model, *args, **kwargs) -> dict:
+    """One generation step's model inputs with the prefix: the base model's own preparation, then
+
+    * the cache: at the first step (an empty cache) the P prefix positions of every layer are put in front of it;
+      without cache (``use_cache=False``) every step gets a fresh cache holding the prefix alone;
+    * the 2-d attention mask: P ones in front (the prefix is attended to by every row, padded or not);
+    * the position ids: + P, as the prefixed forward numbers positions (PEFT adds P to given position ids, and the
+      model counts the P cached positions when none are given)."""
+    config = peft_model.active_peft_config
+    virtual = config.num_virtual_tokens
+    use_cache = kwargs.get("use_cache", True)
+    inputs = peft_model.base_model_prepare_inputs_for_generation(*args, **kwargs)
+    key = "cache" if "cache" in inputs or "past_key_values" not in inputs else "past_key_values"
+    reference = inputs.get("input_ids")
+    if reference is None:
+        reference = inputs["inputs_embeds"]
+    batch_size = reference.shape[0]
+    cache = inputs.get(key)
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise ValueError(
+            f"QPA prefix tuning generates with transformers' DynamicCache, got {type(cache).__name__}: leave "
+            "cache_implementation unset."
+        )
+    if not use_cache or cache is None or cache.get_seq_length() == 0:
+        inputs[key] = peft_model.get_prompt(batch_size=batch_size)
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise ValueError("QPA prefix tuning's generate() needs a 2-d attention mask (batch x sequence).")
+        inputs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], virtual), mask], dim=1)
+    if inputs.get("position_ids") is not None:
+        inputs["position_ids"] = inputs["position_ids"] + virtual
+    if inputs.get("cache_position") is not None:  # transformers 4
+        inputs["cache_position"] = inputs["cache_position"] + virtual
+    return inputs
+
+
+def install_prefix_support() -> None:
+    """Wrap the three PEFT points above (once; a second call changes nothing)."""
+    from peft import PeftModel, PeftModelForCausalLM
+
+    if not getattr(PeftModel._setup_prompt_encoder, "__peft_qpa__", False):
+        PeftModel._setup_prompt_encoder = _setup_prompt_encoder_wrapper(PeftModel._setup_prompt_encoder)
+    current = PrefixEncoder.__dict__.get("_get_adapter_state_dict")
+    if not getattr(getattr(current, "__func__", None), "__peft_qpa__", False):
+        PrefixEncoder._get_adapter_state_dict = _get_adapter_state_dict_wrapper(PrefixEncoder._get_adapter_state_dict)
+    if not getattr(PeftModelForCausalLM.prepare_inputs_for_generation, "__peft_qpa__", False):
+        PeftModelForCausalLM.prepare_inputs_for_generation = _prepare_inputs_wrapper(
+            PeftModelForCausalLM.prepare_inputs_for_generation
+        )
