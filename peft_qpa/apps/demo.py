@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "last two decoder layers' MLP blocks for the bottleneck methods, their down projections for qt; prefix methods "
         "have no targets).",
     )
-    qpa.add_argument("--bottleneck-size", type=POSITIVE_INT, default=16, help="Bottleneck width (bottleneck methods).")
+    qpa.add_argument("--bottleneck-size", type=POSITIVE_INT, default=64, help="Bottleneck width (bottleneck methods; 64: QPA then trains about a third of the classical adapter's parameters on the default targets).")
     qpa.add_argument("--num-virtual-tokens", type=POSITIVE_INT, default=8, help="Prefix length (prefix methods).")
     qpa.add_argument("--qnn-depth", type=POSITIVE_INT, default=8, help="Circuit depth L.")
     qpa.add_argument("--chunk-size", type=POSITIVE_INT, default=256, help="Numbers generated per basis state; fewer qubits when larger.")

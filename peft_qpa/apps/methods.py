@@ -81,7 +81,7 @@ def build_config(
     r: int = 4,
     lora_alpha: float = 8,
     lora_dropout: float = 0.0,
-    bottleneck_size: int = 16,
+    bottleneck_size: int = 64,
     num_virtual_tokens: int = 8,
     seed: int = 0,
     generator: Optional[dict] = None,
