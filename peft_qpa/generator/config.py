@@ -21,6 +21,7 @@ BACKENDS = ("statevector", "aer_statevector", "aer_shots")
 SHOT_GRADIENTS = ("exact", "parameter_shift")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
 DTYPES = ("float32", "float64")
+PROBABILITY_INPUTS = ("circuit", "constant")
 
 # `seed` reaches torch.Generator().manual_seed and torch.manual_seed (they accept [-2^63, 2^64 - 1]; a negative
 # seed s gives the same stream as 2^64 + s), numpy's SeedSequence and Qiskit's seed_transpiler (any integer >= 0)
@@ -170,6 +171,26 @@ class GeneratorConfig:
         default=1,
         metadata={"help": "Threads Aer may use (0 = all cores). Keep it low when torch also uses the cores."},
     )
+    # --- controls for ablation studies (docs/config.md, "Controls") ---
+    probability_input: str = field(
+        default="circuit",
+        metadata={
+            "help": (
+                f"What the mapping MLP sees beside each basis state's bits, one of {PROBABILITY_INPUTS}: 'circuit' (the "
+                "method: the state's post-processed probability) or 'constant' (a control: the same value for every "
+                "state, so the circuit does not influence the generated tensors)."
+            )
+        },
+    )
+    freeze_angles: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "A control: keep the circuit angles at their initial (seeded) values; only the mapping MLP (and the GI "
+                "network) train."
+            )
+        },
+    )
 
 
     # What sets M, for the memory check's message (each member's config names its own field).
@@ -179,7 +200,7 @@ class GeneratorConfig:
 
     _INT_FIELDS = ("qnn_depth", "chunk_size", "max_qubits", "seed", "shots", "shots_per_state", "aer_max_parallel_threads")
     _REAL_FIELDS = ("prob_gamma", "prob_beta", "prob_alpha", "prob_eps")
-    _BOOL_FIELDS = ("generative_interpolation",)
+    _BOOL_FIELDS = ("generative_interpolation", "freeze_angles")
     _LIST_FIELDS = ("mapping_hidden_sizes", "gi_hidden_sizes")
 
     def __post_init__(self):
@@ -304,6 +325,8 @@ class GeneratorConfig:
             fail("gi_hidden_sizes", "a list of integers >= 1 ([] makes the GI network a single linear layer)")
         if not is_int(self.aer_max_parallel_threads) or self.aer_max_parallel_threads < 0:
             fail("aer_max_parallel_threads", "an integer >= 0")
+        if not isinstance(self.probability_input, str) or self.probability_input not in PROBABILITY_INPUTS:
+            fail("probability_input", f"one of {PROBABILITY_INPUTS}")
 
 
         # --- memory the values above commit to, before anything is allocated (the real N is checked again

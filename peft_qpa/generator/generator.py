@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .circuit import build_ansatz, circuit_parameters, n_qubits_for
-from .config import ACTIVATIONS, GeneratorConfig
+from .config import ACTIVATIONS, PROBABILITY_INPUTS, GeneratorConfig
 
 ACTIVATION_CLASSES = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 assert set(ACTIVATION_CLASSES) == set(ACTIVATIONS)
@@ -127,6 +127,8 @@ class QPAGenerator(nn.Module):
         init_weights: bool = True,
         seed: int = 0,
         make_backend: Optional[Callable] = None,
+        probability_input: str = "circuit",
+        freeze_angles: bool = False,
     ):
         super().__init__()
         if not specs:
@@ -147,6 +149,12 @@ class QPAGenerator(nn.Module):
                 f"chunk_size to at least {needed}, or raise max_qubits if you have the memory."
             )
         self.depth = depth
+        if probability_input not in PROBABILITY_INPUTS:
+            raise ValueError(f"probability_input must be one of {PROBABILITY_INPUTS}, got {probability_input!r}.")
+        # Controls for ablation studies (see docs/config.md, "Controls"): the MLP's probability input replaced by a
+        # constant, and the circuit angles kept at their initial values.
+        self.probability_input = probability_input
+        self.freeze_angles = bool(freeze_angles)
         self.ansatz = ansatz
         self.prob_gamma, self.prob_beta, self.prob_alpha, self.prob_eps = prob_gamma, prob_beta, prob_alpha, prob_eps
         # The circuit, defined once in Qiskit terms; every backend runs this definition.
@@ -213,6 +221,8 @@ class QPAGenerator(nn.Module):
             init_weights=init_weights,
             seed=config.seed,
             make_backend=functools.partial(make_backend, config, dtype=dtype),
+            probability_input=config.probability_input,
+            freeze_angles=config.freeze_angles,
         )
 
     # --- the pipeline -------------------------------------------------------------------------------
@@ -257,7 +267,11 @@ class QPAGenerator(nn.Module):
             return torch.split(flat, list(sizes)) if len(sizes) > 1 else (flat,)
 
     def _probability_column(self, step: int) -> torch.Tensor:
-        """The post-processed probabilities of the basis states used, as a column (n_chunks x 1)."""
+        """The post-processed probabilities of the basis states used, as a column (n_chunks x 1); a column of
+        zeros (the centred constant) under the ``probability_input="constant"`` control, without running the
+        circuit."""
+        if self.probability_input == "constant":
+            return torch.zeros(self.n_chunks, 1, dtype=self.basis_bits.dtype, device=self.basis_bits.device)
         probs = self.probabilities(step)[: self.n_chunks]
         return self.postprocess(probs).unsqueeze(1).to(self.basis_bits.dtype)
 
@@ -543,8 +557,17 @@ class QPAGenerator(nn.Module):
         values = self.angles.detach().cpu().double().tolist()
         return self._circuit.assign_parameters(dict(zip(circuit_parameters(self._circuit), values)))
 
+    def requires_grad_(self, requires_grad: bool = True) -> "QPAGenerator":
+        # Every path that makes an adapter trainable (get_peft_model, set_adapter, set_requires_grad, ...) ends here,
+        # so the freeze_angles control holds through all of them.
+        super().requires_grad_(requires_grad)
+        if self.freeze_angles:
+            self.angles.requires_grad_(False)
+        return self
+
     def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters the generator trains (the angles not counted under the ``freeze_angles`` control)."""
+        return sum(p.numel() for name, p in self.named_parameters() if not (self.freeze_angles and name == "angles"))
 
     def summary(self, classical_parameters: Optional[int] = None, classical_name: str = "the classical twin") -> str:
         """Qubits, depth, M, the trainable parameters by part, and their ratio to ``classical_parameters`` (the
@@ -552,16 +575,18 @@ class QPAGenerator(nn.Module):
         circuit_params = self.angles.numel()
         mlp_params = sum(p.numel() for p in self.mapping.parameters())
         gi_params = sum(p.numel() for p in self.interpolation.parameters()) if self.interpolation is not None else 0
-        total = circuit_params + mlp_params + gi_params
+        total = (0 if self.freeze_angles else circuit_params) + mlp_params + gi_params
         lines = [
             f"qubits N: {self.n_qubits} (2^N = {2**self.n_qubits} basis states, {self.n_chunks} used)",
             f"depth L: {self.depth} ({self.ansatz})",
             f"generated numbers M: {self.num_generated} in chunks of {self.chunk_size}",
-            f"circuit parameters: {circuit_params}",
+            f"circuit parameters: {circuit_params}" + (" (frozen: the freeze_angles control)" if self.freeze_angles else ""),
             f"mapping MLP parameters: {mlp_params}",
         ]
         if gi_params:
             lines.append(f"interpolation network parameters: {gi_params}")
+        if self.probability_input == "constant":
+            lines.append("probability input: constant (control: the MLP sees only the basis bits)")
         lines.append(f"trainable total: {total}")
         if classical_parameters:
             lines.append(
