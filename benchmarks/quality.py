@@ -50,7 +50,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -290,7 +290,7 @@ def load_task(args) -> Task:
         train_texts, eval_texts = assets.read_texts([args.train_file]), assets.read_texts([args.eval_file])
         split_info = {"train_files": [str(args.train_file)], "eval_files": [str(args.eval_file)]}
     else:
-        split = assets.split_plays(assets.fetch_shakespeare(args.cache_dir, progress=not args.no_progress), seed=args.seed)
+        split = assets.split_plays(assets.fetch_shakespeare(args.cache_dir, progress=not args.no_progress), seed=args.split_seed)
         train_texts, eval_texts = assets.read_texts(split.train_files), assets.read_texts(split.eval_files)
         split_info = {"train_works": split.train_works, "eval_works": split.eval_works}
     need = args.steps * args.batch_size
@@ -350,7 +350,10 @@ def train_run(task: Task, method: Method, lr: float, args) -> tuple[dict, object
     in_f, out_f = task.model.lm_head.in_features, task.model.lm_head.out_features
     torch.manual_seed(args.seed)
     t_build = time.perf_counter()
-    pm = build(task, method.make_config(in_f, out_f))
+    config = method.make_config(in_f, out_f)
+    if isinstance(config, peft_qpa.GeneratorConfig):  # the generator's seed follows the run's (validated again)
+        config = replace(config, seed=args.seed)
+    pm = build(task, config)
     build_s = time.perf_counter() - t_build
     params = [p for p in pm.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
@@ -575,7 +578,10 @@ def parse_args(argv=None):
                    help="torch threads (default 2). Aer runs between torch's matmuls in the same process, so torch 2 + "
                         "Aer 1 (--aer-threads) does not oversubscribe 2 cores")
     p.add_argument("--aer-threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="Seed of the adapter's initialisation (QPA generators included) and of the training data's order.")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="Seed of which plays are held out: fixed across --seed values, so runs at different seeds share one split.")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if (args.train_file is None) != (args.eval_file is None):
