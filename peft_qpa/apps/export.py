@@ -97,10 +97,7 @@ def export_prefix(peft_model, save_directory: str, adapter_name: str = "default"
         revision=config.revision,
         inference_mode=True,
     )
-    with staged_directory(save_directory) as staging:
-        save_file({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()},
-                  os.path.join(staging, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-        prefix_config.save_pretrained(staging)
+    _write_adapter(save_directory, state_dict, prefix_config)
     return prefix_config
 
 
@@ -149,11 +146,16 @@ def export_lora(peft_model, save_directory: str, adapter_name: str = "default") 
         revision=config.revision,
         inference_mode=True,
     )
+    _write_adapter(save_directory, state_dict, lora_config)
+    return lora_config
+
+
+def _write_adapter(save_directory, state_dict: dict, config) -> None:
+    """A plain PEFT adapter (weights in float32, then its config), published whole through a staged directory."""
     with staged_directory(save_directory) as staging:
         save_file({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()},
                   os.path.join(staging, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-        lora_config.save_pretrained(staging)
-    return lora_config
+        config.save_pretrained(staging)
 
 
 def _layer_entries(module: QPALayer, key: str, adapter_name: str) -> dict:

@@ -125,17 +125,14 @@ def adapter_facts(peft_model, method: str) -> dict:
     """Trainable parameters, and for QPA members the classical twin's count, their ratio and the qubits."""
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     facts = {"method": method, "trainable_params": trainable}
-    tuner = getattr(peft_model, "base_model", None)
     if METHODS[method].quantum:
-        if hasattr(tuner, "get_generator"):
-            generator = tuner.get_generator("default")
-            classical = int(tuner.classical_parameter_count("default"))
-            summary = tuner.generator_summary("default")
-        else:  # prompt learning: the generator lives in the prompt encoder
-            encoder = peft_model.prompt_encoder["default"]
-            generator = encoder.get_generator() if hasattr(encoder, "get_generator") else encoder.generator
-            classical = int(generator.num_generated)
-            summary = generator.summary(classical, "prefix tuning with the same shapes")
+        if METHODS[method].family == "prefix":  # prompt learning: the generator lives in the prompt encoder
+            owner, args = peft_model.prompt_encoder["default"], ()
+        else:
+            owner, args = peft_model.base_model, ("default",)
+        generator = owner.get_generator(*args)
+        classical = int(owner.classical_parameter_count(*args))
+        summary = owner.generator_summary(*args)
         facts.update(
             classical_params=classical,
             ratio_to_classical=trainable / classical,

@@ -106,6 +106,32 @@ class QPABaseLayer(BaseTunerLayer):
     def _snapshot_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         return {t.name: getattr(self, t.snapshot)[adapter_name] for t in self.declared(adapter_name)}
 
+    # --- the forward -------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output with each active adapter's term added (:meth:`_add_adapter_output`); the base
+        layer alone while adapters are disabled (unmerging first) or merged. A method whose adapter is not an
+        additive term of one layer (e.g. bottleneck adapters) defines its own forward."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for adapter_name in self.active_adapters:
+            if self.has_qpa_adapter(adapter_name):
+                result = self._add_adapter_output(adapter_name, x, result, self.generated(adapter_name))
+        return result.to(result_dtype)
+
+    def _add_adapter_output(
+        self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, tensors: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """``result`` (the output so far) with ``adapter_name``'s term, computed from its ``tensors``."""
+        raise NotImplementedError
+
 
 GENERATOR_SUFFIX = "generator"
 

@@ -274,30 +274,14 @@ class QPALayer(QPABaseLayer):
             base_result=base_result,
         )
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        torch_result_dtype = result.dtype
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
-        for active_adapter in self.active_adapters:
-            if not self.has_qpa_adapter(active_adapter):
-                continue
-            tensors = self.generated(active_adapter)
-            x_cast = self._cast_input_dtype(x, tensors[self.A_NAME].dtype)
-            if self.use_dora.get(active_adapter, False):
-                result = self._dora_forward(active_adapter, x_cast, result, tensors)
-            else:
-                lora_a = tensors[self.A_NAME].to(x_cast.dtype)
-                lora_b = tensors[self.B_NAME].to(x_cast.dtype)
-                dropout = self.qpa_dropout[active_adapter]
-                result = result + self._lora_forward(dropout(x_cast), lora_a, lora_b) * self.scaling[active_adapter]
-        return result.to(torch_result_dtype)
+    def _add_adapter_output(self, adapter_name, x, result, tensors):
+        x_cast = self._cast_input_dtype(x, tensors[self.A_NAME].dtype)
+        if self.use_dora.get(adapter_name, False):
+            return self._dora_forward(adapter_name, x_cast, result, tensors)
+        lora_a = tensors[self.A_NAME].to(x_cast.dtype)
+        lora_b = tensors[self.B_NAME].to(x_cast.dtype)
+        dropout = self.qpa_dropout[adapter_name]
+        return result + self._lora_forward(dropout(x_cast), lora_a, lora_b) * self.scaling[adapter_name]
 
     def __repr__(self) -> str:
         return "qpa." + nn.Module.__repr__(self)
@@ -364,9 +348,10 @@ class Embedding(nn.Module, QPALayer):
     ``lora_embedding_B`` (embedding_dim, r) at a random (Kaiming) value. As in PEFT, ``lora_dropout`` is not applied
     to embeddings (their input is token indices)."""
 
-    A_NAME, B_NAME = "lora_embedding_A", "lora_embedding_B"
+    forward = QPALayer.forward  # nn.Module (first base) would shadow it
+    __repr__ = QPALayer.__repr__
 
-    __repr__ = QPALayer.__repr__  # nn.Module (first base) would shadow it
+    A_NAME, B_NAME = "lora_embedding_A", "lora_embedding_B"
 
     def __init__(
         self,
@@ -428,43 +413,29 @@ class Embedding(nn.Module, QPALayer):
             scale_grad_by_freq=base_layer.scale_grad_by_freq,
         )
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        torch_result_dtype = result.dtype
+    def _add_adapter_output(self, adapter_name, x, result, tensors):
         # Embeddings that scale their output (e.g. Gemma's) scale the adapter's contribution too, as in PEFT.
         embed_scale = self._get_embed_scale()
-        for active_adapter in self.active_adapters:
-            if not self.has_qpa_adapter(active_adapter):
-                continue
-            tensors = self.generated(active_adapter)
-            embedding_a, embedding_b = tensors[self.A_NAME].T, tensors[self.B_NAME].T
-            scaling = self.scaling[active_adapter]
-            if self.use_dora.get(active_adapter, False):
-                # PEFT's DoraEmbeddingVariant.forward
-                mag_norm_scale, dora_result = self._qpa_dora[active_adapter].apply(
-                    self.magnitude(active_adapter, tensors),
-                    x,
-                    lora_A=embedding_a,
-                    lora_B=embedding_b,
-                    scaling=scaling,
-                    base_layer=self.get_base_layer(),
-                    embed_fn=self._embed,
-                )
-                if embed_scale is not None:
-                    dora_result = dora_result * embed_scale.to(dora_result.dtype)
-                result = mag_norm_scale * result + dora_result
-            else:
-                adapter_output = (self._embed(x, embedding_a) @ embedding_b) * scaling
-                if embed_scale is not None:
-                    adapter_output = adapter_output * embed_scale.to(adapter_output.dtype)
-                result = result + adapter_output
-        return result.to(torch_result_dtype)
+        embedding_a, embedding_b = tensors[self.A_NAME].T, tensors[self.B_NAME].T
+        scaling = self.scaling[adapter_name]
+        if self.use_dora.get(adapter_name, False):
+            # PEFT's DoraEmbeddingVariant.forward
+            mag_norm_scale, dora_result = self._qpa_dora[adapter_name].apply(
+                self.magnitude(adapter_name, tensors),
+                x,
+                lora_A=embedding_a,
+                lora_B=embedding_b,
+                scaling=scaling,
+                base_layer=self.get_base_layer(),
+                embed_fn=self._embed,
+            )
+            if embed_scale is not None:
+                dora_result = dora_result * embed_scale.to(dora_result.dtype)
+            return mag_norm_scale * result + dora_result
+        adapter_output = (self._embed(x, embedding_a) @ embedding_b) * scaling
+        if embed_scale is not None:
+            adapter_output = adapter_output * embed_scale.to(adapter_output.dtype)
+        return result + adapter_output
 
 
 class Conv2d(nn.Module, QPALayer):

@@ -14,7 +14,7 @@ without materialising ``W + ΔW`` (another M numbers) in the autograd graph.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -114,24 +114,9 @@ class QTLayer(QPABaseLayer):
             if bias is not None:
                 base.bias.data = bias
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        result_dtype = result.dtype
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
-        for active_adapter in self.active_adapters:
-            if not self.has_qpa_adapter(active_adapter):
-                continue
-            tensors = self.generated(active_adapter)
-            delta = self._delta_forward(x, tensors["delta_weight"], tensors.get("delta_bias"))
-            result = result + delta.to(result.dtype)
-        return result.to(result_dtype)
+    def _add_adapter_output(self, adapter_name, x, result, tensors):
+        delta = self._delta_forward(x, tensors["delta_weight"], tensors.get("delta_bias"))
+        return result + delta.to(result.dtype)
 
     def __repr__(self) -> str:
         return "qt." + super().__repr__()
