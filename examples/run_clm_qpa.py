@@ -374,7 +374,9 @@ def main(argv=None):
     metrics_all = {**facts, "world_size": training_args.world_size, "parallel_mode": str(training_args.parallel_mode.value),
                    "learning_rate": training_args.learning_rate}
     if training_args.do_eval and eval_blocks and resume is None and training_args.do_train:
-        metrics_all.update(held_out_perplexity("base"))
+        # the base model itself: with the adapter disabled (prefix tuning does not start at the base model)
+        with trainer.model.disable_adapter():
+            metrics_all.update(held_out_perplexity("base"))
         say(f"base perplexity (before training): {metrics_all['base_perplexity']:.3f} ({metrics_all['base_tokens']} held-out tokens)")
 
     if training_args.do_train:

@@ -202,8 +202,18 @@ def test_full_set_evaluation_cost_is_announced(tiny, tmp_path, monkeypatch, capl
     assert len(warned) == 1 and f"held-out tokens ({results['eval_samples']} blocks of 32) once" in warned[0], warned
 
 
+@pytest.fixture(scope="module")
+def base_perplexity(tiny, tmp_path_factory):
+    """The base model's held-out perplexity as the LoRA baseline reports it (LoRA starts at the base model)."""
+    tmp_path = tmp_path_factory.mktemp("base")
+    out = tmp_path / "lora"
+    _run([sys.executable, str(SCRIPT), *_args(tiny, out, "--do_train", "--do_eval", "--max_steps", "1", "--method", "lora",
+                                               "--save_steps", "100")], tmp_path)
+    return json.loads((out / "lora_results.json").read_text())["base_perplexity"]
+
+
 @pytest.mark.parametrize("method", ["qpa-dora", "qpa-bottleneck", "bottleneck", "qpa-prefix", "qt"])
-def test_every_member_trains(tiny, tmp_path, method):
+def test_every_member_trains(tiny, tmp_path, method, base_perplexity):
     """Each member of the family (and the bottleneck baseline) through the Trainer, with the method's default
     targets and learning rate; QPA members with a classical twin in plain PEFT are exported."""
     out = tmp_path / method
@@ -212,6 +222,8 @@ def test_every_member_trains(tiny, tmp_path, method):
     results = json.loads((out / f"{method}_results.json").read_text())
     assert results["method"] == method and results["eval_perplexity"] > 1.0
     assert results["learning_rate"] == DEFAULT_LR[method]
+    # "base" is the base model's perplexity, also for prefix tuning, which does not start at the base model
+    assert results["base_perplexity"] == pytest.approx(base_perplexity, rel=1e-6)
     quantum = method != "bottleneck"
     assert ("n_qubits" in results) is quantum
     if quantum:
