@@ -160,6 +160,15 @@ def test_numeric_flags_are_validated(flag, value, allowed, tmp_path, capsys):
     assert f"argument {flag}: must be {allowed}" in err, err[-500:]
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (a fixed one can be held by another job; gloo then aborts the ranks)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_accelerate_launch_two_cpu_processes(tiny, tmp_path):
     accelerate = shutil.which("accelerate")
     if accelerate is None:
@@ -169,7 +178,7 @@ def test_accelerate_launch_two_cpu_processes(tiny, tmp_path):
     # the processes through torchrun and the script switches them to CPU DDP (gloo) when there is no GPU.
     cmd = [
         accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", "29517", str(SCRIPT),
+        "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(SCRIPT),
         *_args(tiny, out, "--do_train", "--do_eval", "--max_steps", "2", "--save_steps", "100", "--per_device_eval_batch_size", "2"),
     ]
     _run(cmd, tmp_path)
