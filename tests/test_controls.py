@@ -86,3 +86,43 @@ def test_bad_control_values_name_the_field(config_cls, field, value):
     kwargs = {} if config_cls is peft_qpa.GeneratorConfig else {"target_modules": ["q_proj"]}
     with pytest.raises(ValueError, match=rf"{config_cls.__name__}\.{field} must be"):
         config_cls(**kwargs, **{field: value})
+
+
+def test_standardized_probability_column_has_unit_spread_and_keeps_the_zero_start():
+    """probability_scaling='standardize': the MLP's probability feature is centred with unit RMS over the states
+    used; the published 'none' keeps its small spread. Both start at the base model (zero delta)."""
+    base = tiny_llama()
+    ids = torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = base(ids).logits
+    columns = {}
+    for scaling in ("none", "standardize"):
+        model = get_peft_model(tiny_llama(), peft_qpa.QPAConfig(**SMALL, probability_scaling=scaling))
+        g = model.base_model.get_generator()
+        with torch.no_grad():
+            col = g._probability_column(0).squeeze(1)
+            torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-5)
+        assert abs(float(col.mean())) < 1e-5
+        columns[scaling] = col
+    torch.testing.assert_close(float(columns["standardize"].pow(2).mean().sqrt()), 1.0, rtol=1e-4, atol=0)
+    assert float(columns["none"].std()) < 0.5  # the published constants: a small spread next to ±1 bits
+    # same ordering of states: standardizing is a positive rescaling of the published column
+    ratio = columns["standardize"] / columns["none"]
+    assert float(ratio.min()) > 0 and torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-3)
+
+
+def test_probability_scaling_is_saved_and_reloaded(tmp_path):
+    model = get_peft_model(tiny_llama(), peft_qpa.QPAConfig(**SMALL, probability_scaling="standardize"))
+    ids = _train(model)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].probability_scaling == "standardize"
+    assert loaded.base_model.get_generator().probability_scaling == "standardize"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", ["zscore", None, 1])
+def test_bad_probability_scaling_names_the_field(value):
+    with pytest.raises(ValueError, match=r"QPAConfig\.probability_scaling must be one of"):
+        peft_qpa.QPAConfig(target_modules=["q_proj"], probability_scaling=value)

@@ -22,6 +22,7 @@ SHOT_GRADIENTS = ("exact", "parameter_shift")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
 DTYPES = ("float32", "float64")
 PROBABILITY_INPUTS = ("circuit", "constant")
+PROBABILITY_SCALINGS = ("none", "standardize")
 
 # `seed` reaches torch.Generator().manual_seed and torch.manual_seed (they accept [-2^63, 2^64 - 1]; a negative
 # seed s gives the same stream as 2^64 + s), numpy's SeedSequence and Qiskit's seed_transpiler (any integer >= 0)
@@ -93,6 +94,17 @@ class GeneratorConfig:
     )
     prob_beta: float = field(default=0.6, metadata={"help": "Probability post-processing: beta (> 0)."})
     prob_alpha: float = field(default=0.15, metadata={"help": "Probability post-processing: exponent alpha in (0, 1]."})
+    probability_scaling: str = field(
+        default="none",
+        metadata={
+            "help": (
+                f"Scaling of the post-processed, centred probability column before the mapping MLP, one of "
+                f"{PROBABILITY_SCALINGS}: 'none' (the published post-processing only; its standard deviation across "
+                "states is about 0.14, next to basis bits of ±1) or 'standardize' (divided by its standard deviation "
+                "over the states used, so the circuit's feature has a basis bit's scale). docs/quality.md measures both."
+            )
+        },
+    )
     prob_eps: float = field(
         default=1e-6,
         metadata={
@@ -327,6 +339,8 @@ class GeneratorConfig:
             fail("aer_max_parallel_threads", "an integer >= 0")
         if not isinstance(self.probability_input, str) or self.probability_input not in PROBABILITY_INPUTS:
             fail("probability_input", f"one of {PROBABILITY_INPUTS}")
+        if not isinstance(self.probability_scaling, str) or self.probability_scaling not in PROBABILITY_SCALINGS:
+            fail("probability_scaling", f"one of {PROBABILITY_SCALINGS}")
 
 
         # --- memory the values above commit to, before anything is allocated (the real N is checked again

@@ -1,0 +1,891 @@
+"""Evidence benchmark: QPA against classical PEFT with seeds, at several budgets, in two regimes, with ablations.
+
+One harness (extending ``benchmarks/quality.py``: the same model, data split, optimiser, perplexity and cached
+frozen trunk) runs named *groups* of jobs and appends one JSON record per run to
+``benchmarks/results/evidence_runs/<regime>.jsonl``; ``report`` turns those records into
+``benchmarks/results/evidence.json`` and the plots ``evidence_*.png``. docs/quality.md is written from that JSON.
+
+Regimes (SmolLM2-135M-Instruct, 30 decoder layers):
+
+* ``lm_head``: the QPA paper's regime, only ``lm_head`` adapted. The frozen decoder's final hidden states are
+  cached (exact: nothing before ``lm_head`` changes).
+* ``all_linear``: the common LoRA regime, the seven projections (q, k, v, o, gate, up, down) of the top
+  ``--top-layers`` (default 8) decoder layers. The input of the first adapted layer is cached (exact: the
+  layers below are frozen and deterministic) and the adapted layers, the final norm and ``lm_head`` run.
+
+Both regimes check their cache once per invocation on a trained adapter: the batch loss and the held-out
+perplexity with the cache and with the real layers put back must agree to 1e-4 relative (``kind:
+"equivalence"`` records; the run stops otherwise).
+
+Data: the training blocks (``--block-size`` 128 tokens, 4 per step) are drawn once from the training plays
+with a fixed data seed; a budget of B tokens uses the first B / 512 of them (budgets are nested), and each
+run's ``seed`` sets the order of those blocks and the adapter's initialisation (QPA generators included). The
+held-out plays and windows are fixed (the demo's). So runs at different seeds differ only in initialisation
+and data order.
+
+Learning rates: each config's grid runs at seed 0; the other seeds run at the grid's best value
+(``lr_from`` names the config whose best value a job reuses, e.g. the ablations reuse the full QPA config's).
+
+Commands (docs/quality.md):
+
+    python benchmarks/evidence.py run lm_head_grid lm_head_seeds lm_head_ablations lm_head_family
+    python benchmarks/evidence.py run all_linear_grid all_linear_seeds all_linear_ablations
+    python benchmarks/evidence.py run lm_head_budget
+    python benchmarks/evidence.py report
+    python benchmarks/evidence.py list                      # every group and its jobs
+
+Runs already recorded (same regime, config, budget, lr, seed) are skipped, so an interrupted invocation
+resumes. ``--smoke`` runs a tiny version (CI: tests/test_evidence_bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peft_qpa  # noqa: E402  (registers the QPA types)
+from peft_qpa.apps.demo import evenly_spaced_windows, lr_at  # noqa: E402
+from peft_qpa.apps.evaluation import perplexity, tokenize_and_group  # noqa: E402
+from quality import (  # noqa: E402  (the shared harness)
+    EQUIVALENCE_RTOL,
+    CachedTrunk,
+    HiddenStates,
+    _git_state,
+    _row_key,
+    _vblora_vector_length,
+    model_fingerprint,
+    qpa_facts,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS_DIR = RESULTS / "evidence_runs"
+BATCH = 4
+DATA_SEED = 0
+SEEDS = (0, 1, 2)
+BASE_BUDGET = 40_960
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# --------------------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class Ctx:
+    """What config factories need to know about the regime."""
+
+    regime: str
+    targets: object  # list or regex string
+    mlp_targets: Optional[str] = None  # bottleneck: the adapted layers' MLP blocks
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    method: str  # the method label of the record (lora, qpa, qpa-ablation-const, ...)
+    make: Callable[[Ctx], object]
+    r: Optional[int] = None
+    info: dict = field(default_factory=dict)
+    angle_lr_scale: float = 1.0  # QPA: the circuit angles' lr = lr * angle_lr_scale
+
+
+def _lora(r, **kw):
+    from peft import LoraConfig
+
+    return lambda c: LoraConfig(r=r, lora_alpha=2 * r, target_modules=c.targets, lora_dropout=0.0, **kw)
+
+
+def _qpa(r=4, **kw):
+    return lambda c: peft_qpa.QPAConfig(r=r, lora_alpha=2 * r, target_modules=c.targets, seed=0, **kw)
+
+
+# The improved input scaling (a documented GeneratorConfig option; see docs/config.md).
+STD = {"probability_scaling": "standardize"}
+
+
+def specs_for(regime: str, smoke: bool = False) -> dict[str, Spec]:
+    from peft import FourierFTConfig, VBLoRAConfig, VeraConfig
+
+    s: list[Spec] = [
+        Spec("lora_r1", "lora", _lora(1), 1),
+        Spec("lora_r2", "lora", _lora(2), 2),
+        Spec("lora_r4", "lora", _lora(4), 4),
+        Spec("lora_r8", "lora", _lora(8), 8),
+        Spec("dora_r4", "dora", _lora(4, use_dora=True), 4),
+    ]
+    if regime == "lm_head":
+        main = dict(chunk_size=256, qnn_depth=8)  # published MLP [32, 64, 128, 128, 64, 32]
+        s += [
+            Spec("qpa_c256_L8", "qpa", _qpa(**main), 4, main),
+            Spec("qpa_c256_L8_std", "qpa", _qpa(**main, **STD), 4, {**main, **STD}),
+            Spec("qpa_dora_c256_L8", "qpa-dora", _qpa(**main, use_dora=True), 4, {**main, "use_dora": True}),
+            Spec("vera_r256", "vera", lambda c: VeraConfig(r=256, target_modules=c.targets, vera_dropout=0.0, save_projection=False), 256),
+            Spec("vblora_nv16", "vblora", lambda c: VBLoRAConfig(r=4, target_modules=c.targets, num_vectors=16,
+                                                               vector_length=_vblora_vector_length(576, 49152, 192) if not smoke else 4,
+                                                               topk=2, vblora_dropout=0.0), 4, {"num_vectors": 16, "topk": 2}),
+            Spec("fourierft_n12k", "fourierft", lambda c: FourierFTConfig(n_frequency=12_000 if not smoke else 64, target_modules=c.targets,
+                                                                        scaling=150.0, init_weights=True), None, {"n_frequency": 12_000}),
+        ]
+        ablate = {"qpa_c256_L8": main, "qpa_c256_L8_std": {**main, **STD}}
+    else:
+        sizes = {  # (name, MLP hidden widths, chunk): ~2 %, 5 %, 10 % of LoRA r = 4's parameters on the top 8 layers
+            "qpa_2pct": ([32, 32], 128),
+            "qpa_5pct": ([64, 64], 192),
+            "qpa_10pct": ([64, 128, 64], 256),
+            "qpa_published": ([32, 64, 128, 128, 64, 32], 64),
+        }
+        for name, (hidden, chunk) in sizes.items():
+            kw = dict(mapping_hidden_sizes=hidden, chunk_size=chunk, qnn_depth=8)
+            s.append(Spec(name, "qpa", _qpa(**kw), 4, kw))
+            s.append(Spec(name + "_std", "qpa", _qpa(**kw, **STD), 4, {**kw, **STD}))
+        kw = dict(mapping_hidden_sizes=[64, 64], chunk_size=192, qnn_depth=8)
+        s += [
+            Spec("qpa_5pct_r16", "qpa", _qpa(r=16, **kw), 16, kw),
+            Spec("qpa_5pct_r16_std", "qpa", _qpa(r=16, **kw, **STD), 16, {**kw, **STD}),
+            Spec("qpa_dora_5pct", "qpa-dora", _qpa(**kw, use_dora=True), 4, {**kw, "use_dora": True}),
+            Spec("bottleneck_b16", "bottleneck", lambda c: peft_qpa.BottleneckConfig(target_modules=c.mlp_targets, bottleneck_size=16), None,
+                 {"bottleneck_size": 16}),
+            Spec("qpa_bottleneck_b64", "qpa-bottleneck", lambda c: peft_qpa.QPABottleneckConfig(
+                target_modules=c.mlp_targets, bottleneck_size=64, mapping_hidden_sizes=[64, 64], chunk_size=192, seed=0), None,
+                {"bottleneck_size": 64, "mapping_hidden_sizes": [64, 64], "chunk_size": 192}),
+            Spec("vblora_nv32", "vblora", lambda c: VBLoRAConfig(r=4, target_modules=c.targets, num_vectors=32,
+                                                               vector_length=192 if not smoke else 4, topk=2, vblora_dropout=0.0),
+                 4, {"num_vectors": 32, "topk": 2}),
+        ]
+        ablate = {k: v for k, v in [("qpa_5pct", dict(mapping_hidden_sizes=[64, 64], chunk_size=192, qnn_depth=8)),
+                                    ("qpa_5pct_std", dict(mapping_hidden_sizes=[64, 64], chunk_size=192, qnn_depth=8, **STD))]}
+    # Ablations of the quantum part, at a QPA config (suffixes: const, frozen, L1, L2, rx, c1, c1_gi, c20, c20_gi).
+    for base, kw in ablate.items():
+        variants = {
+            "const": ("qpa-ablation-const", dict(probability_input="constant")),
+            "frozen": ("qpa-ablation-frozen", dict(freeze_angles=True)),
+            "L1": ("qpa-ablation-depth", dict(qnn_depth=1)),
+            "L2": ("qpa-ablation-depth", dict(qnn_depth=2)),
+            "rx": ("qpa-ablation-ansatz", dict(ansatz="rx_cnot")),
+        }
+        for c in (1, 20):
+            for gi in (False, True):
+                variants[f"c{c}{'_gi' if gi else ''}"] = ("qpa-ablation-shots", dict(
+                    backend="aer_shots", shots_per_state=c, shot_gradient="exact", generative_interpolation=gi))
+        for suffix, (method, extra) in variants.items():
+            cfg = {**kw, **extra}
+            s.append(Spec(f"{base}__{suffix}", method, _qpa(**cfg), 4, cfg))
+        s.append(Spec(f"{base}__angle_lr10", "qpa", _qpa(**kw), 4, {**kw, "angle_lr_scale": 10.0}, angle_lr_scale=10.0))
+    return {x.name: x for x in s}
+
+
+# --------------------------------------------------------------------------------------------------------
+# the plan: groups of jobs
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    spec: str
+    regime: str
+    budget: int
+    seeds: tuple = SEEDS
+    lrs: Optional[tuple] = None  # None: the best seed-0 lr of ``lr_from`` at this regime and budget
+    lr_from: Optional[str] = None
+
+
+def _grid(regime, budget, grids: dict) -> list[Job]:
+    return [Job(name, regime, budget, (0,), tuple(lrs)) for name, lrs in grids.items()]
+
+
+def _seeds(regime, budget, names, seeds=(1, 2)) -> list[Job]:
+    return [Job(n, regime, budget, seeds, None, n) for n in names]
+
+
+def _reuse(regime, budget, names, lr_from, seeds=SEEDS) -> list[Job]:
+    return [Job(n, regime, budget, seeds, None, lr_from) for n in names]
+
+
+ABLATIONS_CORE = ("const", "frozen")
+ABLATIONS_MORE = ("L1", "L2", "rx", "c1", "c1_gi", "c20", "c20_gi", "angle_lr10")
+
+LM_GRID = {
+    "lora_r1": (3e-3, 1e-2, 3e-2),
+    "lora_r4": (3e-3, 1e-2, 3e-2),
+    "qpa_c256_L8": (3e-3, 1e-2, 3e-2),
+    "qpa_c256_L8_std": (3e-3, 1e-2, 3e-2),
+    "vblora_nv16": (3e-3, 1e-2, 3e-2),
+    "fourierft_n12k": (1e-1, 3e-1, 1.0),
+    "vera_r256": (1e-2, 3e-2, 1e-1),
+}
+AL_GRID = {
+    "lora_r4": (1e-3, 3e-3, 1e-2),
+    "qpa_5pct": (3e-3, 1e-2, 3e-2),
+    "qpa_5pct_std": (3e-3, 1e-2, 3e-2),
+}
+
+
+def plan(smoke: bool = False) -> dict[str, list[Job]]:
+    lm, al, b = "lm_head", "all_linear", BASE_BUDGET
+    groups = {
+        "lm_head_grid": _grid(lm, b, LM_GRID),
+        "lm_head_seeds": _seeds(lm, b, list(LM_GRID)),
+        "lm_head_ablations": [j for base in ("qpa_c256_L8", "qpa_c256_L8_std")
+                              for j in _reuse(lm, b, [f"{base}__{a}" for a in ABLATIONS_CORE], base)],
+        "lm_head_ablations_more": [j for base in ("qpa_c256_L8_std",)
+                                   for j in _reuse(lm, b, [f"{base}__{a}" for a in ABLATIONS_MORE], base)],
+        "lm_head_family": _reuse(lm, b, ["dora_r4"], "lora_r4") + _reuse(lm, b, ["qpa_dora_c256_L8"], "qpa_c256_L8_std"),
+        "lm_head_budget": [Job(n, lm, 4 * b, (0,), lrs) for n, lrs in
+                           {"lora_r4": (3e-3, 1e-2, 3e-2), "qpa_c256_L8_std": (3e-3, 1e-2, 3e-2)}.items()],
+        "all_linear_grid": _grid(al, b, AL_GRID),
+        "all_linear_seeds": (_seeds(al, b, list(AL_GRID))
+                             + _reuse(al, b, ["lora_r1", "lora_r2", "lora_r8"], "lora_r4")
+                             + _reuse(al, b, ["qpa_2pct_std", "qpa_10pct_std", "qpa_5pct_r16_std"], "qpa_5pct_std")),
+        "all_linear_ablations": [j for base in ("qpa_5pct_std",) for j in _reuse(al, b, [f"{base}__{a}" for a in ABLATIONS_CORE], base)],
+        "all_linear_family": (_reuse(al, b, ["dora_r4"], "lora_r4") + _reuse(al, b, ["qpa_dora_5pct"], "qpa_5pct_std")
+                              + _reuse(al, b, ["bottleneck_b16"], "lora_r4") + _reuse(al, b, ["qpa_bottleneck_b64"], "qpa_5pct_std")
+                              + _reuse(al, b, ["vblora_nv32"], "lora_r4")
+                              + _reuse(al, b, ["qpa_2pct", "qpa_10pct", "qpa_published"], "qpa_5pct")),
+    }
+    if smoke:
+        groups = {
+            "smoke": [Job("lora_r4", lm, 0, (0,), (1e-2,)), Job("qpa_c256_L8_std", lm, 0, (0,), (1e-2,)),
+                      Job("qpa_c256_L8_std__const", lm, 0, (0, 1), None, "qpa_c256_L8_std"),
+                      Job("lora_r4", al, 0, (0,), (1e-2,)), Job("qpa_5pct", al, 0, (0,), (1e-2,))],
+        }
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------------
+# the cached trunk of either regime
+# --------------------------------------------------------------------------------------------------------
+class CachedInput(nn.Module):
+    """Stands in for decoder layer 0 when layers ``0..T-1`` are frozen: returns the cached input of layer T for the
+    current rows (the model's ``input_ids`` are stashed by a forward pre-hook on the decoder)."""
+
+    def __init__(self, cache: HiddenStates):
+        super().__init__()
+        self.cache = cache
+        self.current = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        ids, mask = self.current
+        return self.cache.lookup(ids, mask).to(hidden_states.device, hidden_states.dtype)
+
+
+class Skip(nn.Module):
+    """A frozen decoder layer below the cached one: its output is already in the cache."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@dataclass
+class Data:
+    model: object
+    source: str
+    pool: list  # training blocks in the fixed data order; a budget uses a prefix
+    eval_rows: list
+    info: dict
+
+
+def load_data(args) -> Data:
+    from peft_qpa.apps import assets
+
+    loaded = assets.load_model_and_tokenizer(args.model, cache=args.cache_dir, progress=not args.no_progress)
+    model, tok = loaded.model, loaded.tokenizer
+    model.eval()
+    if args.train_file:
+        train_texts, eval_texts = assets.read_texts([args.train_file]), assets.read_texts([args.eval_file])
+        split = {"train_files": [str(args.train_file)], "eval_files": [str(args.eval_file)]}
+    else:
+        sp = assets.split_plays(assets.fetch_shakespeare(args.cache_dir, progress=not args.no_progress), seed=0)
+        train_texts, eval_texts = assets.read_texts(sp.train_files), assets.read_texts(sp.eval_files)
+        split = {"train_works": sp.train_works, "eval_works": sp.eval_works}
+    blocks = tokenize_and_group(tok, train_texts, args.block_size, max_tokens=None)
+    order = list(range(len(blocks)))
+    random.Random(DATA_SEED).shuffle(order)
+    need = args.max_budget // (BATCH * args.block_size) * BATCH
+    if len(order) < need:  # tiny texts (tests): cycle
+        order = order * math.ceil(need / max(1, len(order)))
+    pool = [blocks[i] for i in order[:need]]
+    stream = tokenize_and_group(tok, eval_texts, 10**12, drop_last=False)[0]
+    eval_rows = evenly_spaced_windows(stream, args.eval_block_size, args.eval_tokens)
+    info = {**split, "train_blocks_available": len(blocks), "block_size": args.block_size, "batch_size": BATCH,
+            "eval_windows": len(eval_rows), "eval_window_tokens": sum(len(r) for r in eval_rows), "data_seed": DATA_SEED}
+    return Data(model, loaded.source, pool, eval_rows, info)
+
+
+def _segment_states(model, source, rows, layer: int, cache_dir: Optional[Path], progress: bool) -> list[torch.Tensor]:
+    """Hidden states of ``rows`` at decoder depth ``layer`` (``hidden_states[layer]``: the input of layer ``layer``;
+    ``-1``: the final, normed output), from ``cache_dir`` if present."""
+    h = hashlib.sha256(model_fingerprint(model, source).encode())
+    h.update(f"layer={layer}".encode())
+    for r in rows:
+        h.update(len(r).to_bytes(4, "little"))
+        h.update(_row_key(torch.tensor(r)))
+    path = cache_dir / f"ev_{h.hexdigest()[:24]}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        return torch.load(path, weights_only=True)
+    from tqdm.auto import tqdm
+
+    trunk = model.model
+    states = []
+    with torch.no_grad():
+        for j in tqdm(range(0, len(rows), 8), desc=f"trunk states (layer {layer})", disable=not progress):
+            x = torch.tensor(rows[j : j + 8])
+            out = trunk(input_ids=x, output_hidden_states=True)
+            hs = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+            states += [s.clone() for s in hs]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(states, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    return states
+
+
+def trunk_states(data: Data, layer: int, rows_needed: int, args) -> HiddenStates:
+    """Cached states for the eval windows and the first ``rows_needed`` training blocks, in 320-block segments
+    (a 40,960-token budget) so that larger budgets reuse the smaller ones' files."""
+    cache_dir = None if args.hidden_cache == "none" else Path(args.hidden_cache)
+    seg = 320
+    rows, states = [], []
+    parts = [data.eval_rows] + [data.pool[i : i + seg] for i in range(0, rows_needed, seg)]
+    for part in parts:
+        rows += part
+        states += _segment_states(data.model, data.source, part, layer, cache_dir, not args.no_progress)
+    return HiddenStates(rows, states)
+
+
+class Regime:
+    """A cheap model for one regime: frozen weights shared with the loaded model, the frozen part cached."""
+
+    def __init__(self, name: str, data: Data, rows_needed: int, args):
+        self.name, self.data = name, data
+        model = data.model
+        n_layers = model.config.num_hidden_layers
+        if name == "lm_head":
+            self.first = n_layers
+            self.states = trunk_states(data, -1, rows_needed, args)
+            self.targets = ["lm_head"]
+            self.mlp_targets = None
+        else:
+            k = min(args.top_layers, n_layers)
+            self.first = n_layers - k
+            self.states = trunk_states(data, self.first, rows_needed, args) if self.first > 0 else None
+            top = "|".join(str(i) for i in range(self.first, n_layers))
+            self.targets = rf"model\.layers\.({top})\.(self_attn|mlp)\.({'|'.join(PROJECTIONS)})"
+            self.mlp_targets = rf"model\.layers\.({top})\.mlp"
+        self.ctx = Ctx(name, self.targets, self.mlp_targets)
+
+    def shell(self):
+        """A copy of the model (parameters shared, not copied) with the cached part in place."""
+        model = self.data.model
+        memo = {id(p): p for p in model.parameters()}
+        memo.update({id(b): b for b in model.buffers()})
+        if self.name == "lm_head":
+            cached = CachedTrunk(model.model.embed_tokens, self.states)
+            memo[id(model.model)] = cached
+            return copy.deepcopy(model, memo)
+        shell = copy.deepcopy(model, memo)
+        if self.first > 0:
+            cached = CachedInput(self.states)
+            shell.model.layers[0] = cached
+            for i in range(1, self.first):
+                shell.model.layers[i] = Skip()
+
+            def stash(module, a, kw):
+                ids = kw.get("input_ids", a[0] if a else None)
+                cached.current = (ids, kw.get("attention_mask"))
+
+            shell.model.register_forward_pre_hook(stash, with_kwargs=True)
+        return shell
+
+    def restore_real(self, shell):
+        """Put the real frozen layers back (for the equivalence check); returns an undo function."""
+        model = self.data.model
+        if self.name == "lm_head":
+            cached = shell.model
+            shell.model = model.model
+            return lambda: setattr(shell, "model", cached)
+        saved = [shell.model.layers[i] for i in range(self.first)]
+        for i in range(self.first):
+            shell.model.layers[i] = model.model.layers[i]
+
+        def undo():
+            for i, m in enumerate(saved):
+                shell.model.layers[i] = m
+        return undo
+
+
+# --------------------------------------------------------------------------------------------------------
+# one run
+# --------------------------------------------------------------------------------------------------------
+def build(regime: Regime, spec: Spec, seed: int):
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    config = spec.make(regime.ctx)
+    if isinstance(config, peft_qpa.GeneratorConfig):  # the generator's seed follows the run's
+        config = replace(config, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(regime.shell(), config)
+
+
+def train_one(regime: Regime, spec: Spec, lr: float, seed: int, budget: int, args) -> tuple[dict, object]:
+    block = args.block_size
+    steps = max(1, budget // (BATCH * block)) if budget else args.smoke_steps
+    rows = regime.data.pool[: steps * BATCH]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    t0 = time.perf_counter()
+    pm = build(regime, spec, seed)
+    named = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+    angles = [p for n, p in named if n.endswith("angles")]
+    others = [p for n, p in named if not n.endswith("angles")]
+    groups = [{"params": others, "scale": 1.0}] + ([{"params": angles, "scale": spec.angle_lr_scale}] if angles else [])
+    params = others + angles
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    warmup = max(1, round(steps * 5 / 80))
+    losses = []
+    pm.train()
+    t1 = time.perf_counter()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, lr, warmup, steps) * g["scale"]
+        x = torch.tensor([rows[i] for i in order[step * BATCH : (step + 1) * BATCH]])
+        loss = pm(input_ids=x, labels=x).loss
+        if not torch.isfinite(loss):
+            losses.append(float("nan"))
+            break
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    train_s = time.perf_counter() - t1
+    pm.eval()
+    finite = math.isfinite(losses[-1])
+    ev = perplexity(pm, regime.data.eval_rows, batch_size=args.eval_batch_size, progress=False) if finite else None
+    tail = losses[-10:]
+    rec = {
+        "kind": "run",
+        "name": spec.name,
+        "method": spec.method,
+        "regime": regime.name,
+        "r": spec.r,
+        "budget_tokens": steps * BATCH * block,
+        "seed": seed,
+        "lr": lr,
+        "trainable_params": sum(p.numel() for p in params),
+        "eval_ppl": ev.perplexity if ev else float("nan"),
+        "eval_nll": ev.nll if ev else float("nan"),
+        "eval_tokens_scored": ev.n_tokens if ev else 0,
+        "config": spec.info,
+        **qpa_facts(pm),
+        "steps": len(losses),
+        "train_loss_first": losses[0],
+        "train_loss_last10_mean": sum(tail) / len(tail),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "s_per_step": round(train_s / max(1, len(losses)), 3),
+        "threads": torch.get_num_threads(),
+    }
+    return rec, pm
+
+
+def equivalence(regime: Regime, pm, args) -> dict:
+    shell = pm.base_model.model
+    x = torch.tensor(regime.data.pool[:BATCH])
+    pm.eval()
+    with torch.no_grad():
+        loss_c = float(pm(input_ids=x, labels=x).loss)
+        ppl_c = perplexity(pm, regime.data.eval_rows, batch_size=args.eval_batch_size, progress=False).perplexity
+        undo = regime.restore_real(shell)
+        try:
+            loss_f = float(pm(input_ids=x, labels=x).loss)
+            ppl_f = perplexity(pm, regime.data.eval_rows, batch_size=args.eval_batch_size, progress=False).perplexity
+        finally:
+            undo()
+    out = {"kind": "equivalence", "regime": regime.name, "loss_cached": loss_c, "loss_full": loss_f, "ppl_cached": ppl_c,
+           "ppl_full": ppl_f, "loss_rel_diff": abs(loss_c - loss_f) / abs(loss_f), "ppl_rel_diff": abs(ppl_c - ppl_f) / ppl_f,
+           "rtol": EQUIVALENCE_RTOL}
+    if not (out["loss_rel_diff"] <= EQUIVALENCE_RTOL and out["ppl_rel_diff"] <= EQUIVALENCE_RTOL):
+        raise AssertionError(f"the {regime.name} cache differs from the real model: {out}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# records
+# --------------------------------------------------------------------------------------------------------
+def runs_dir(args) -> Path:
+    return Path(args.runs_dir)
+
+
+def read_records(directory: Path) -> list[dict]:
+    out = []
+    for f in sorted(Path(directory).glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                out.append(json.loads(line))
+    return out
+
+
+def append(directory: Path, regime: str, rec: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{regime}.jsonl", "a") as f:
+        f.write(json.dumps(rec, default=float) + "\n")
+
+
+def _key(regime, name, budget, lr, seed):
+    return (regime, name, int(budget), float(f"{lr:.6g}"), int(seed))
+
+
+def best_lr(records: list[dict], regime: str, name: str, budget: int) -> Optional[float]:
+    grid = [r for r in records if r.get("kind") == "run" and r["regime"] == regime and r["name"] == name
+            and r["budget_tokens"] == budget and r["seed"] == 0 and math.isfinite(r["eval_ppl"])]
+    return min(grid, key=lambda r: r["eval_ppl"])["lr"] if grid else None
+
+
+# --------------------------------------------------------------------------------------------------------
+# run groups
+# --------------------------------------------------------------------------------------------------------
+def run_groups(args) -> None:
+    groups = plan(args.smoke)
+    unknown = [g for g in args.groups if g not in groups]
+    if unknown:
+        raise SystemExit(f"unknown group(s) {unknown}; known: {list(groups)}")
+    jobs = [j for g in args.groups for j in groups[g]]
+    if args.only:
+        jobs = [j for j in jobs if j.spec in args.only]
+    directory = runs_dir(args)
+    budgets = [j.budget or args.smoke_steps * BATCH * args.block_size for j in jobs]
+    args.max_budget = max(budgets + [BATCH * args.block_size])
+    data = load_data(args)
+    regimes: dict[str, Regime] = {}
+    checked = {r["regime"] for r in read_records(directory) if r.get("kind") == "equivalence"} if not args.smoke else set()
+    for job in jobs:
+        records = read_records(directory)
+        done = {_key(r["regime"], r["name"], r["budget_tokens"], r["lr"], r["seed"]) for r in records if r.get("kind") == "run"}
+        if job.regime not in regimes:
+            rows = max(b for j, b in zip(jobs, budgets) if j.regime == job.regime) // (BATCH * args.block_size) * BATCH
+            regimes[job.regime] = reg = Regime(job.regime, data, rows, args)
+            if not any(r.get("kind") == "base" and r["regime"] == job.regime for r in records):
+                base = perplexity(reg.shell(), data.eval_rows, batch_size=args.eval_batch_size, progress=False)
+                append(directory, job.regime, {"kind": "base", "regime": job.regime, "eval_ppl": base.perplexity,
+                                               "eval_nll": base.nll, "eval_tokens_scored": base.n_tokens,
+                                               "adapted_layers_from": reg.first, "model": data.source, "data": data.info,
+                                               "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                                               "git": _git_state(),
+                                               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                           "torch": torch.__version__, "peft": __import__("peft").__version__,
+                                                           "transformers": __import__("transformers").__version__}})
+                print(f"[evidence] {job.regime}: base held-out ppl {base.perplexity:.4f}", flush=True)
+        reg = regimes[job.regime]
+        spec = specs_for(job.regime, args.smoke)[job.spec]
+        budget = job.budget
+        real_budget = (budget // (BATCH * args.block_size)) * BATCH * args.block_size if budget else args.smoke_steps * BATCH * args.block_size
+        if job.lrs is not None:
+            lrs = job.lrs
+        else:
+            lr = best_lr(records, job.regime, job.lr_from, real_budget)
+            if lr is None:
+                raise SystemExit(f"{job.spec}: no seed-0 grid of {job.lr_from!r} in {job.regime} at {real_budget} tokens yet; "
+                                 f"run its grid group first")
+            lrs = (lr,)
+        for lr in lrs:
+            for seed in job.seeds:
+                if _key(job.regime, spec.name, real_budget, lr, seed) in done:
+                    continue
+                rec, pm = train_one(reg, spec, lr, seed, budget, args)
+                append(directory, job.regime, rec)
+                print(f"[evidence] {job.regime:<10} {spec.name:<28} lr={lr:<7g} seed={seed} tokens={rec['budget_tokens']:>7} "
+                      f"params={rec['trainable_params']:>8} ppl={rec['eval_ppl']:.4f} {rec['wall_s']:.0f}s "
+                      f"({rec['s_per_step']:.2f} s/step)", flush=True)
+                if job.regime not in checked and math.isfinite(rec["eval_ppl"]):
+                    eq = equivalence(reg, pm, args)
+                    append(directory, job.regime, {**eq, "run": f"{spec.name} lr={lr:g} seed={seed}"})
+                    print(f"[evidence] {job.regime} cache equivalence: {eq}", flush=True)
+                    checked.add(job.regime)
+                del pm
+
+
+# --------------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------------
+def _stats(vals: list[float]) -> dict:
+    vals = [v for v in vals if math.isfinite(v)]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (regime, config, budget): the lr used for the seeds (the seed-0 grid's best), mean ± std
+    (sample std, n - 1) of the held-out perplexity over the seeds run at that lr, and the grid."""
+    by: dict[tuple, list[dict]] = {}
+    for r in runs:
+        by.setdefault((r["regime"], r["name"], r["budget_tokens"]), []).append(r)
+    out = []
+    for (regime, name, budget), rs in sorted(by.items()):
+        grid = sorted({r["lr"] for r in rs if r["seed"] == 0})
+        seed0 = {r["lr"]: r["eval_ppl"] for r in rs if r["seed"] == 0}
+        finite = {lr: p for lr, p in seed0.items() if math.isfinite(p)}
+        lr = min(finite, key=finite.get) if finite else max(rs, key=lambda r: r["seed"])["lr"]
+        at = [r for r in rs if r["lr"] == lr]
+        st = _stats([r["eval_ppl"] for r in at])
+        first = at[0]
+        out.append({
+            "regime": regime, "name": name, "method": first["method"], "r": first["r"], "budget_tokens": budget,
+            "trainable_params": first["trainable_params"], "lr": lr, "lr_grid": {f"{k:g}": seed0[k] for k in grid},
+            "lr_interior": (len(grid) >= 3 and grid[0] < lr < grid[-1]) if len(grid) >= 3 else None,
+            "seeds": sorted(r["seed"] for r in at), "eval_ppl_mean": st["mean"], "eval_ppl_std": st["std"], "n_seeds": st["n"],
+            "config": first["config"], **{k: first[k] for k in ("n_qubits", "chunk_size", "qnn_depth", "num_generated") if k in first},
+        })
+    return out
+
+
+def _find(rows, regime, name, budget=BASE_BUDGET):
+    return next((r for r in rows if r["regime"] == regime and r["name"] == name and r["budget_tokens"] == budget), None)
+
+
+def _pooled(a, b) -> float:
+    return math.sqrt((a["eval_ppl_std"] ** 2 + b["eval_ppl_std"] ** 2) / 2)
+
+
+def goals(rows: list[dict]) -> dict:
+    out = {}
+    # Goal 1: all_linear, QPA within 1 % of LoRA r = 4 with <= 10 % of its parameters; no cheaper peer better by > 1 std.
+    ref = _find(rows, "all_linear", "lora_r4")
+    if ref:
+        cap = 0.10 * ref["trainable_params"]
+        qpas = [r for r in rows if r["regime"] == "all_linear" and r["method"] == "qpa" and r["budget_tokens"] == BASE_BUDGET
+                and r["trainable_params"] <= cap and r["n_seeds"] >= 2]
+        g = {"lora_r4_ppl_mean": ref["eval_ppl_mean"], "lora_r4_ppl_std": ref["eval_ppl_std"], "lora_r4_params": ref["trainable_params"],
+             "param_cap_10pct": cap}
+        if qpas:
+            q = min(qpas, key=lambda r: r["eval_ppl_mean"])
+            peers = [r for r in rows if r["regime"] == "all_linear" and not r["method"].startswith("qpa") and r["budget_tokens"] == BASE_BUDGET
+                     and r["trainable_params"] <= q["trainable_params"]
+                     and r["eval_ppl_mean"] < q["eval_ppl_mean"] - max(q["eval_ppl_std"], r["eval_ppl_std"])]
+            within = q["eval_ppl_mean"] <= 1.01 * ref["eval_ppl_mean"]
+            g.update({"best_qpa": q["name"], "best_qpa_ppl_mean": q["eval_ppl_mean"], "best_qpa_ppl_std": q["eval_ppl_std"],
+                      "best_qpa_params": q["trainable_params"], "best_qpa_param_ratio": q["trainable_params"] / ref["trainable_params"],
+                      "rel_gap_to_lora_r4": q["eval_ppl_mean"] / ref["eval_ppl_mean"] - 1, "within_1pct": within,
+                      "cheaper_peers_better_beyond_1std": [p["name"] for p in peers], "met": within and not peers})
+        out["all_linear_within_1pct_of_lora_r4_at_10pct_params"] = g
+    # Goal 2: the circuit matters: control (a) worse than the full config by more than 2 pooled seed stds.
+    checks = {}
+    for r in rows:
+        if r["name"].endswith("__const"):
+            full = _find(rows, r["regime"], r["name"][: -len("__const")], r["budget_tokens"])
+            if full and full["n_seeds"] >= 2 and r["n_seeds"] >= 2:
+                sd = _pooled(full, r)
+                diff = r["eval_ppl_mean"] - full["eval_ppl_mean"]
+                checks[f"{r['regime']}/{full['name']}"] = {
+                    "full_ppl_mean": full["eval_ppl_mean"], "full_ppl_std": full["eval_ppl_std"],
+                    "const_ppl_mean": r["eval_ppl_mean"], "const_ppl_std": r["eval_ppl_std"],
+                    "difference": diff, "pooled_std": sd, "difference_in_pooled_std": diff / sd if sd > 0 else float("inf"),
+                    "met": diff > 2 * sd}
+    out["circuit_matters_const_control_worse_by_2std"] = checks
+    return out
+
+
+def budget_gaps(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        if r["regime"] != "lm_head" or r["method"] != "qpa" or "__" in r["name"]:
+            continue
+        ref = _find(rows, "lm_head", "lora_r4", r["budget_tokens"])
+        if ref:
+            out.append({"name": r["name"], "budget_tokens": r["budget_tokens"], "qpa_ppl_mean": r["eval_ppl_mean"],
+                        "lora_r4_ppl_mean": ref["eval_ppl_mean"], "rel_gap": r["eval_ppl_mean"] / ref["eval_ppl_mean"] - 1,
+                        "n_seeds": min(r["n_seeds"], ref["n_seeds"])})
+    return out
+
+
+COLORS = {"lora": "tab:blue", "dora": "tab:cyan", "qpa": "tab:red", "qpa-dora": "tab:pink", "vera": "tab:green",
+          "vblora": "tab:purple", "fourierft": "tab:orange", "bottleneck": "tab:olive", "qpa-bottleneck": "tab:brown",
+          "qpa-ablation-const": "black", "qpa-ablation-frozen": "dimgray"}
+
+
+def plot(report: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["summary"]
+    written = []
+    for regime in ("lm_head", "all_linear"):
+        pts = [r for r in rows if r["regime"] == regime and r["budget_tokens"] == BASE_BUDGET and r["method"] in COLORS
+               and math.isfinite(r["eval_ppl_mean"])]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(9, 6))
+        for fam, color in COLORS.items():
+            ps = [r for r in pts if r["method"] == fam]
+            if not ps:
+                continue
+            ax.errorbar([r["trainable_params"] for r in ps], [r["eval_ppl_mean"] for r in ps], yerr=[r["eval_ppl_std"] for r in ps],
+                        fmt="o", color=color, label=fam, capsize=3, ms=5)
+            for r in ps:
+                ax.annotate(r["name"], (r["trainable_params"], r["eval_ppl_mean"]), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        base = report["base"].get(regime)
+        if base:
+            ax.axhline(base["eval_ppl"], color="black", ls="--", lw=1, label=f"base model {base['eval_ppl']:.2f}")
+        ref = _find(rows, regime, "lora_r4")
+        if ref:
+            ax.axhline(ref["eval_ppl_mean"] * 1.01, color="tab:blue", ls=":", lw=1, label="LoRA r=4 mean + 1 %")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log)")
+        ax.set_ylabel("held-out perplexity (mean ± std over seeds)")
+        ax.set_title(f"{regime}: {BASE_BUDGET:,} training tokens, SmolLM2-135M-Instruct, Shakespeare held-out plays")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"evidence_{regime}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(str(path))
+    gaps = report["budget_gaps"]
+    if gaps:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in sorted({g["name"] for g in gaps}):
+            gs = sorted((g for g in gaps if g["name"] == name), key=lambda g: g["budget_tokens"])
+            ax.plot([g["budget_tokens"] for g in gs], [100 * g["rel_gap"] for g in gs], "o-", label=name)
+        ax.axhline(1.0, color="gray", ls=":", lw=1, label="+1 %")
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens (log)")
+        ax.set_ylabel("held-out ppl gap to LoRA r=4 (%)")
+        ax.set_title("lm_head: QPA's gap to LoRA r = 4 against the training budget")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / "evidence_budget.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(str(path))
+    abl = [r for r in rows if "__" in r["name"] and r["budget_tokens"] == BASE_BUDGET]
+    if abl:
+        bases = sorted({(r["regime"], r["name"].split("__")[0]) for r in abl})
+        fig, axes = plt.subplots(1, len(bases), figsize=(5.5 * len(bases), 4.5), squeeze=False)
+        for ax, (regime, base) in zip(axes[0], bases):
+            full = _find(rows, regime, base)
+            items = ([full] if full else []) + sorted((r for r in abl if r["regime"] == regime and r["name"].startswith(base + "__")),
+                                                      key=lambda r: r["name"])
+            ax.bar(range(len(items)), [r["eval_ppl_mean"] for r in items], yerr=[r["eval_ppl_std"] for r in items], capsize=3,
+                   color=["tab:red"] + ["tab:gray"] * (len(items) - 1) if full else "tab:gray")
+            ax.set_xticks(range(len(items)))
+            ax.set_xticklabels(["full" if r is full else r["name"].split("__")[1] for r in items], rotation=45, ha="right", fontsize=8)
+            vals = [r["eval_ppl_mean"] for r in items]
+            ax.set_ylim(min(vals) - 0.5, max(vals) + 0.5)
+            ax.set_title(f"{regime}: {base}", fontsize=9)
+            ax.set_ylabel("held-out ppl (mean ± std)")
+        fig.tight_layout()
+        path = out_dir / "evidence_ablations.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def report(args) -> dict:
+    records = read_records(runs_dir(args))
+    runs = [r for r in records if r.get("kind") == "run"]
+    rows = summarize(runs)
+    base = {}
+    for r in records:
+        if r.get("kind") == "base":
+            base[r["regime"]] = {k: r[k] for k in ("eval_ppl", "eval_nll", "eval_tokens_scored", "adapted_layers_from")}
+    meta = next((r for r in records if r.get("kind") == "base"), {})
+    out = {
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python benchmarks/evidence.py report",
+        "model": meta.get("model"),
+        "data": meta.get("data"),
+        "machine": meta.get("machine"),
+        "git": _git_state(),
+        "protocol": {"batch_size": BATCH, "seeds": list(SEEDS), "base_budget_tokens": BASE_BUDGET,
+                     "lr_selection": "each config's lr grid runs at seed 0; seeds 1 and 2 run at the grid's best lr",
+                     "std": "sample standard deviation over seeds (n - 1)"},
+        "base": base,
+        "equivalence": [r for r in records if r.get("kind") == "equivalence"],
+        "runs": runs,
+        "summary": rows,
+        "budget_gaps": budget_gaps(rows),
+        "goals": goals(rows),
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    out["plots"] = plot(out, output.parent)
+    output.write_text(json.dumps(out, indent=1, default=float))
+    print(f"[evidence] wrote {output} ({len(runs)} runs) and {out['plots']}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=("run", "report", "list"))
+    p.add_argument("groups", nargs="*", help="groups to run (see `list`)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these config names from the groups")
+    p.add_argument("--smoke", action="store_true", help="tiny run for CI: group 'smoke' only")
+    p.add_argument("--smoke-steps", type=int, default=3)
+    p.add_argument("--top-layers", type=int, default=8, help="all_linear: adapted decoder layers, counted from the top")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--eval-block-size", type=int, default=256)
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+    p.add_argument("--output", type=Path, default=RESULTS / "evidence.json")
+    p.add_argument("--model", default=None)
+    p.add_argument("--train-file", default=None)
+    p.add_argument("--eval-file", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--hidden-cache", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.hidden_cache is None:
+        from peft_qpa.apps.assets import cache_dir
+
+        args.hidden_cache = str(cache_dir(args.cache_dir) / "hidden_states")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.command == "list":
+        for g, jobs in plan(args.smoke).items():
+            print(g)
+            for j in jobs:
+                print(f"   {j.regime:<10} {j.spec:<30} tokens={j.budget} seeds={j.seeds} lr={j.lrs or 'best of ' + str(j.lr_from)}")
+        return None
+    if args.command == "run":
+        if not args.groups:
+            raise SystemExit("name the groups to run (see `python benchmarks/evidence.py list`)")
+        run_groups(args)
+        return None
+    return report(args)
+
+
+if __name__ == "__main__":
+    main()
