@@ -32,6 +32,7 @@ Commands (docs/quality.md):
     python benchmarks/evidence.py run all_linear_grid all_linear_seeds all_linear_ablations
     python benchmarks/evidence.py run lm_head_budget
     python benchmarks/evidence.py report
+    python benchmarks/evidence.py tables                    # the markdown tables of docs/quality.md
     python benchmarks/evidence.py list                      # every group and its jobs
 
 Runs already recorded (same regime, config, budget, lr, seed) are skipped, so an interrupted invocation
@@ -244,8 +245,8 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "lm_head_seeds": _seeds(lm, b, list(LM_GRID)),
         "lm_head_ablations": [j for base in ("qpa_c256_L8", "qpa_c256_L8_std")
                               for j in _reuse(lm, b, [f"{base}__{a}" for a in ABLATIONS_CORE], base)],
-        "lm_head_ablations_more": [j for base in ("qpa_c256_L8_std",)
-                                   for j in _reuse(lm, b, [f"{base}__{a}" for a in ABLATIONS_MORE], base)],
+        "lm_head_ablations_more": _reuse(lm, b, [f"qpa_c256_L8_std__{a}" for a in ABLATIONS_MORE], "qpa_c256_L8_std", (0,)),
+        "lm_head_ablations_more_seeds": _reuse(lm, b, [f"qpa_c256_L8_std__{a}" for a in ABLATIONS_MORE], "qpa_c256_L8_std", (1, 2)),
         "lm_head_family": _reuse(lm, b, ["dora_r4"], "lora_r4") + _reuse(lm, b, ["qpa_dora_c256_L8"], "qpa_c256_L8_std"),
         "lm_head_budget": [Job(n, lm, 4 * b, (0,), lrs) for n, lrs in
                            {"lora_r4": (3e-3, 1e-2, 3e-2), "qpa_c256_L8_std": (3e-3, 1e-2, 3e-2)}.items()],
@@ -254,10 +255,13 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
                              + _reuse(al, b, ["lora_r1", "lora_r2", "lora_r8"], "lora_r4")
                              + _reuse(al, b, ["qpa_2pct_std", "qpa_10pct_std", "qpa_5pct_r16_std"], "qpa_5pct_std")),
         "all_linear_ablations": [j for base in ("qpa_5pct_std",) for j in _reuse(al, b, [f"{base}__{a}" for a in ABLATIONS_CORE], base)],
-        "all_linear_family": (_reuse(al, b, ["dora_r4"], "lora_r4") + _reuse(al, b, ["qpa_dora_5pct"], "qpa_5pct_std")
-                              + _reuse(al, b, ["bottleneck_b16"], "lora_r4") + _reuse(al, b, ["qpa_bottleneck_b64"], "qpa_5pct_std")
-                              + _reuse(al, b, ["vblora_nv32"], "lora_r4")
-                              + _reuse(al, b, ["qpa_2pct", "qpa_10pct", "qpa_published"], "qpa_5pct")),
+        "all_linear_family": (_reuse(al, b, ["dora_r4"], "lora_r4", (0, 1)) + _reuse(al, b, ["qpa_dora_5pct"], "qpa_5pct_std", (0, 1))
+                              + _reuse(al, b, ["bottleneck_b16"], "lora_r4", (0, 1))
+                              + _reuse(al, b, ["qpa_bottleneck_b64"], "qpa_5pct_std", (0, 1))),
+        "all_linear_family_seeds": (_reuse(al, b, ["dora_r4"], "lora_r4", (2,)) + _reuse(al, b, ["qpa_dora_5pct"], "qpa_5pct_std", (2,))
+                                    + _reuse(al, b, ["bottleneck_b16"], "lora_r4", (2,))
+                                    + _reuse(al, b, ["qpa_bottleneck_b64"], "qpa_5pct_std", (2,))),
+        "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct") + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
     }
     if smoke:
         groups = {
@@ -373,7 +377,7 @@ class Regime:
     """A cheap model for one regime: frozen weights shared with the loaded model, the frozen part cached."""
 
     def __init__(self, name: str, data: Data, rows_needed: int, args):
-        self.name, self.data = name, data
+        self.name, self.data, self.rows = name, data, rows_needed
         model = data.model
         n_layers = model.config.num_hidden_layers
         if name == "lm_head":
@@ -579,8 +583,8 @@ def run_groups(args) -> None:
     for job in jobs:
         records = read_records(directory)
         done = {_key(r["regime"], r["name"], r["budget_tokens"], r["lr"], r["seed"]) for r in records if r.get("kind") == "run"}
-        if job.regime not in regimes:
-            rows = max(b for j, b in zip(jobs, budgets) if j.regime == job.regime) // (BATCH * args.block_size) * BATCH
+        rows = (job.budget or args.smoke_steps * BATCH * args.block_size) // (BATCH * args.block_size) * BATCH
+        if job.regime not in regimes or regimes[job.regime].rows < rows:  # larger budgets extend the cache when reached
             regimes[job.regime] = reg = Regime(job.regime, data, rows, args)
             if not any(r.get("kind") == "base" and r["regime"] == job.regime for r in records):
                 base = perplexity(reg.shell(), data.eval_rows, batch_size=args.eval_batch_size, progress=False)
@@ -665,19 +669,19 @@ def _pooled(a, b) -> float:
     return math.sqrt((a["eval_ppl_std"] ** 2 + b["eval_ppl_std"] ** 2) / 2)
 
 
-def goals(rows: list[dict]) -> dict:
+def goals(rows: list[dict], bb: int = BASE_BUDGET) -> dict:
     out = {}
     # Goal 1: all_linear, QPA within 1 % of LoRA r = 4 with <= 10 % of its parameters; no cheaper peer better by > 1 std.
-    ref = _find(rows, "all_linear", "lora_r4")
+    ref = _find(rows, "all_linear", "lora_r4", bb)
     if ref:
         cap = 0.10 * ref["trainable_params"]
-        qpas = [r for r in rows if r["regime"] == "all_linear" and r["method"] == "qpa" and r["budget_tokens"] == BASE_BUDGET
+        qpas = [r for r in rows if r["regime"] == "all_linear" and r["method"] == "qpa" and r["budget_tokens"] == bb
                 and r["trainable_params"] <= cap and r["n_seeds"] >= 2]
         g = {"lora_r4_ppl_mean": ref["eval_ppl_mean"], "lora_r4_ppl_std": ref["eval_ppl_std"], "lora_r4_params": ref["trainable_params"],
              "param_cap_10pct": cap}
         if qpas:
             q = min(qpas, key=lambda r: r["eval_ppl_mean"])
-            peers = [r for r in rows if r["regime"] == "all_linear" and not r["method"].startswith("qpa") and r["budget_tokens"] == BASE_BUDGET
+            peers = [r for r in rows if r["regime"] == "all_linear" and not r["method"].startswith("qpa") and r["budget_tokens"] == bb
                      and r["trainable_params"] <= q["trainable_params"]
                      and r["eval_ppl_mean"] < q["eval_ppl_mean"] - max(q["eval_ppl_std"], r["eval_ppl_std"])]
             within = q["eval_ppl_mean"] <= 1.01 * ref["eval_ppl_mean"]
@@ -728,9 +732,10 @@ def plot(report: dict, out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     rows = report["summary"]
+    bb = report["protocol"]["base_budget_tokens"]
     written = []
     for regime in ("lm_head", "all_linear"):
-        pts = [r for r in rows if r["regime"] == regime and r["budget_tokens"] == BASE_BUDGET and r["method"] in COLORS
+        pts = [r for r in rows if r["regime"] == regime and r["budget_tokens"] == bb and r["method"] in COLORS
                and math.isfinite(r["eval_ppl_mean"])]
         if not pts:
             continue
@@ -746,13 +751,13 @@ def plot(report: dict, out_dir: Path) -> list[str]:
         base = report["base"].get(regime)
         if base:
             ax.axhline(base["eval_ppl"], color="black", ls="--", lw=1, label=f"base model {base['eval_ppl']:.2f}")
-        ref = _find(rows, regime, "lora_r4")
+        ref = _find(rows, regime, "lora_r4", bb)
         if ref:
             ax.axhline(ref["eval_ppl_mean"] * 1.01, color="tab:blue", ls=":", lw=1, label="LoRA r=4 mean + 1 %")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel("held-out perplexity (mean ± std over seeds)")
-        ax.set_title(f"{regime}: {BASE_BUDGET:,} training tokens, SmolLM2-135M-Instruct, Shakespeare held-out plays")
+        ax.set_title(f"{regime}: {bb:,} training tokens, SmolLM2-135M-Instruct, Shakespeare held-out plays")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
@@ -779,12 +784,12 @@ def plot(report: dict, out_dir: Path) -> list[str]:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(str(path))
-    abl = [r for r in rows if "__" in r["name"] and r["budget_tokens"] == BASE_BUDGET]
+    abl = [r for r in rows if "__" in r["name"] and r["budget_tokens"] == bb]
     if abl:
         bases = sorted({(r["regime"], r["name"].split("__")[0]) for r in abl})
         fig, axes = plt.subplots(1, len(bases), figsize=(5.5 * len(bases), 4.5), squeeze=False)
         for ax, (regime, base) in zip(axes[0], bases):
-            full = _find(rows, regime, base)
+            full = _find(rows, regime, base, bb)
             items = ([full] if full else []) + sorted((r for r in abl if r["regime"] == regime and r["name"].startswith(base + "__")),
                                                       key=lambda r: r["name"])
             ax.bar(range(len(items)), [r["eval_ppl_mean"] for r in items], yerr=[r["eval_ppl_std"] for r in items], capsize=3,
@@ -807,6 +812,8 @@ def report(args) -> dict:
     records = read_records(runs_dir(args))
     runs = [r for r in records if r.get("kind") == "run"]
     rows = summarize(runs)
+    budgets = sorted({r["budget_tokens"] for r in runs})
+    bb = BASE_BUDGET if BASE_BUDGET in budgets or not budgets else budgets[0]
     base = {}
     for r in records:
         if r.get("kind") == "base":
@@ -819,7 +826,7 @@ def report(args) -> dict:
         "data": meta.get("data"),
         "machine": meta.get("machine"),
         "git": _git_state(),
-        "protocol": {"batch_size": BATCH, "seeds": list(SEEDS), "base_budget_tokens": BASE_BUDGET,
+        "protocol": {"batch_size": BATCH, "seeds": list(SEEDS), "base_budget_tokens": bb,
                      "lr_selection": "each config's lr grid runs at seed 0; seeds 1 and 2 run at the grid's best lr",
                      "std": "sample standard deviation over seeds (n - 1)"},
         "base": base,
@@ -827,7 +834,7 @@ def report(args) -> dict:
         "runs": runs,
         "summary": rows,
         "budget_gaps": budget_gaps(rows),
-        "goals": goals(rows),
+        "goals": goals(rows, bb),
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -838,11 +845,67 @@ def report(args) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------
+# markdown tables for docs/quality.md (rendered from evidence.json, never typed by hand)
+# --------------------------------------------------------------------------------------------------------
+def _pm(r) -> str:
+    if not math.isfinite(r["eval_ppl_mean"]):
+        return "diverged"
+    return f"{r['eval_ppl_mean']:.2f} ± {r['eval_ppl_std']:.2f}" if r["n_seeds"] > 1 else f"{r['eval_ppl_mean']:.2f} (1 seed)"
+
+
+def _grid_text(r) -> str:
+    return " / ".join(f"{k}: {v:.2f}" if math.isfinite(v) else f"{k}: nan" for k, v in r["lr_grid"].items()) or "—"
+
+
+def tables(report: dict) -> str:
+    rows = report["summary"]
+    bb = report["protocol"]["base_budget_tokens"]
+    out = []
+    for regime in ("lm_head", "all_linear"):
+        rs = [r for r in rows if r["regime"] == regime and r["budget_tokens"] == bb and "__" not in r["name"]]
+        if not rs:
+            continue
+        ref = _find(rows, regime, "lora_r4", bb)
+        base = report["base"].get(regime, {}).get("eval_ppl", float("nan"))
+        out += [f"#### {regime}: {bb:,} training tokens (base model {base:.2f})", "",
+                "| config | method | r | trainable params | % of LoRA r=4 | lr grid at seed 0 (held-out ppl) | lr | seeds | held-out ppl, mean ± std |",
+                "|---|---|---|---:|---:|---|---|---|---|"]
+        for r in sorted(rs, key=lambda r: (r["trainable_params"], r["name"])):
+            pct = f"{100 * r['trainable_params'] / ref['trainable_params']:.1f} %" if ref else ""
+            out.append(f"| {r['name']} | {r['method']} | {r['r'] if r['r'] is not None else ''} | {r['trainable_params']:,} | {pct} | "
+                       f"{_grid_text(r)} | {r['lr']:g} | {len(r['seeds'])} | {_pm(r)} |")
+        out.append("")
+    abl = [r for r in rows if "__" in r["name"] and r["budget_tokens"] == bb]
+    if abl:
+        out += ["#### Ablations (each at its full config's lr)", "",
+                "| regime | full config | variant | method | seeds | held-out ppl, mean ± std | full config | difference / pooled std |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(abl, key=lambda r: (r["regime"], r["name"])):
+            base, variant = r["name"].split("__")
+            full = _find(rows, r["regime"], base, bb)
+            if full is None:
+                continue
+            sd = _pooled(full, r)
+            d = r["eval_ppl_mean"] - full["eval_ppl_mean"]
+            z = f"{d:+.2f} / {sd:.2f} = {d / sd:+.1f}" if sd > 0 and math.isfinite(d) else f"{d:+.2f}"
+            out.append(f"| {r['regime']} | {base} | {variant} | {r['method']} | {len(r['seeds'])} | {_pm(r)} | {_pm(full)} | {z} |")
+        out.append("")
+    gaps = report.get("budget_gaps") or []
+    if gaps:
+        out += ["#### Budget (lm_head)", "", "| config | training tokens | seeds | QPA ppl | LoRA r=4 ppl | gap |", "|---|---:|---|---:|---:|---:|"]
+        for g in sorted(gaps, key=lambda g: (g["name"], g["budget_tokens"])):
+            out.append(f"| {g['name']} | {g['budget_tokens']:,} | {g['n_seeds']} | {g['qpa_ppl_mean']:.2f} | {g['lora_r4_ppl_mean']:.2f} | "
+                       f"{100 * g['rel_gap']:+.2f} % |")
+        out.append("")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("run", "report", "list"))
+    p.add_argument("command", choices=("run", "report", "tables", "list"))
     p.add_argument("groups", nargs="*", help="groups to run (see `list`)")
     p.add_argument("--only", nargs="+", default=None, help="run only these config names from the groups")
     p.add_argument("--smoke", action="store_true", help="tiny run for CI: group 'smoke' only")
@@ -884,6 +947,10 @@ def main(argv=None):
             raise SystemExit("name the groups to run (see `python benchmarks/evidence.py list`)")
         run_groups(args)
         return None
+    if args.command == "tables":
+        text = tables(json.loads(Path(args.output).read_text()))
+        print(text)
+        return text
     return report(args)
 
 

@@ -65,6 +65,25 @@ def test_records_and_report(smoke):
     # the control reused the full config's lr (its seed-0 grid's best)
     full = next(r for r in data["summary"] if r["name"] == const[0]["name"].split("__")[0] and r["regime"] == "lm_head")
     assert const[0]["lr"] == full["lr"]
+    assert {Path(p).name for p in data["plots"]} >= {"evidence_ablations.png", "evidence_all_linear.png", "evidence_lm_head.png"}
+    assert all(Path(p).is_file() for p in data["plots"])
+
+
+def test_tables_render_every_config(bench, smoke):
+    root, common, report = smoke
+    text = bench.main(["tables", *common])
+    for r in report["summary"]:
+        assert f"| {r['name'].split('__')[0]} |" in text
+    assert "#### lm_head" in text and "#### all_linear" in text and "#### Ablations" in text
+
+
+def test_docs_tables_are_rendered_from_the_committed_json(bench):
+    """docs/quality.md's tables are `python benchmarks/evidence.py tables`, from benchmarks/results/evidence.json."""
+    committed = ROOT / "benchmarks" / "results" / "evidence.json"
+    doc = (ROOT / "docs" / "quality.md").read_text()
+    for line in bench.tables(json.loads(committed.read_text())).splitlines():
+        if line.startswith("|"):
+            assert line in doc, f"docs/quality.md lacks (or has a stale) row: {line}"
 
 
 def test_trained_adapters_move_away_from_the_base(smoke):
