@@ -222,17 +222,17 @@ def _reuse(regime, budget, names, lr_from, seeds=SEEDS) -> list[Job]:
 ABLATIONS_CORE = ("const", "frozen")
 ABLATIONS_MORE = ("L1", "L2", "rx", "c1", "c1_gi", "c20", "c20_gi", "angle_lr10")
 
-LM_GRID = {
-    "lora_r1": (3e-3, 1e-2, 3e-2),
-    "lora_r4": (3e-3, 1e-2, 3e-2),
-    "qpa_c256_L8": (3e-3, 1e-2, 3e-2),
-    "qpa_c256_L8_std": (3e-3, 1e-2, 3e-2),
+LM_GRID = {  # a fourth, lower rate where the seed-0 best of the first three sat at the grid's low edge
+    "lora_r1": (1e-3, 3e-3, 1e-2, 3e-2),
+    "lora_r4": (1e-3, 3e-3, 1e-2, 3e-2),
+    "qpa_c256_L8": (1e-3, 3e-3, 1e-2, 3e-2),
+    "qpa_c256_L8_std": (1e-3, 3e-3, 1e-2, 3e-2),
     "vblora_nv16": (3e-3, 1e-2, 3e-2),
     "fourierft_n12k": (1e-1, 3e-1, 1.0),
     "vera_r256": (1e-2, 3e-2, 1e-1),
 }
 AL_GRID = {
-    "lora_r4": (1e-3, 3e-3, 1e-2),
+    "lora_r4": (1e-3, 3e-3, 1e-2, 3e-2),
     "qpa_5pct": (3e-3, 1e-2, 3e-2),
     "qpa_5pct_std": (3e-3, 1e-2, 3e-2),
 }
@@ -249,7 +249,7 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "lm_head_ablations_more_seeds": _reuse(lm, b, [f"qpa_c256_L8_std__{a}" for a in ABLATIONS_MORE], "qpa_c256_L8_std", (1, 2)),
         "lm_head_family": _reuse(lm, b, ["dora_r4"], "lora_r4") + _reuse(lm, b, ["qpa_dora_c256_L8"], "qpa_c256_L8_std"),
         "lm_head_budget": [Job(n, lm, 4 * b, (0,), lrs) for n, lrs in
-                           {"lora_r4": (3e-3, 1e-2, 3e-2), "qpa_c256_L8_std": (3e-3, 1e-2, 3e-2)}.items()],
+                           {"lora_r4": (1e-3, 3e-3, 1e-2), "qpa_c256_L8_std": (1e-3, 3e-3, 1e-2)}.items()],
         "all_linear_grid": _grid(al, b, AL_GRID),
         "all_linear_seeds": (_seeds(al, b, list(AL_GRID))
                              + _reuse(al, b, ["lora_r1", "lora_r2", "lora_r8"], "lora_r4")

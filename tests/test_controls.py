@@ -123,6 +123,8 @@ def test_probability_scaling_is_saved_and_reloaded(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["zscore", None, 1])
-def test_bad_probability_scaling_names_the_field(value):
-    with pytest.raises(ValueError, match=r"QPAConfig\.probability_scaling must be one of"):
-        peft_qpa.QPAConfig(target_modules=["q_proj"], probability_scaling=value)
+@pytest.mark.parametrize("config_cls", [peft_qpa.QPAConfig, peft_qpa.QTConfig, peft_qpa.QPABottleneckConfig, peft_qpa.GeneratorConfig])
+def test_bad_probability_scaling_names_the_field(config_cls, value):
+    kwargs = {} if config_cls is peft_qpa.GeneratorConfig else {"target_modules": ["q_proj"]}
+    with pytest.raises(ValueError, match=rf"{config_cls.__name__}\.probability_scaling must be one of"):
+        config_cls(**kwargs, probability_scaling=value)
