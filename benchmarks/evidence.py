@@ -138,7 +138,7 @@ def specs_for(regime: str, smoke: bool = False) -> dict[str, Spec]:
         s += [
             Spec("qpa_c256_L8", "qpa", _qpa(**main), 4, main),
             Spec("qpa_c256_L8_std", "qpa", _qpa(**main, **STD), 4, {**main, **STD}),
-            Spec("qpa_dora_c256_L8", "qpa-dora", _qpa(**main, use_dora=True), 4, {**main, "use_dora": True}),
+            Spec("qpa_dora_c256_L8_std", "qpa-dora", _qpa(**main, **STD, use_dora=True), 4, {**main, **STD, "use_dora": True}),
             Spec("vera_r256", "vera", lambda c: VeraConfig(r=256, target_modules=c.targets, vera_dropout=0.0, save_projection=False), 256),
             Spec("vblora_nv16", "vblora", lambda c: VBLoRAConfig(r=4, target_modules=c.targets, num_vectors=16,
                                                                vector_length=_vblora_vector_length(576, 49152, 192) if not smoke else 4,
@@ -153,6 +153,7 @@ def specs_for(regime: str, smoke: bool = False) -> dict[str, Spec]:
             "qpa_5pct": ([64, 64], 192),
             "qpa_10pct": ([64, 128, 64], 256),
             "qpa_published": ([32, 64, 128, 128, 64, 32], 64),
+            "qpa_10pct_wide": ([64, 256], 64),  # the 10 % size with a 4x wider last hidden layer
         }
         for name, (hidden, chunk) in sizes.items():
             kw = dict(mapping_hidden_sizes=hidden, chunk_size=chunk, qnn_depth=8)
@@ -162,12 +163,12 @@ def specs_for(regime: str, smoke: bool = False) -> dict[str, Spec]:
         s += [
             Spec("qpa_5pct_r16", "qpa", _qpa(r=16, **kw), 16, kw),
             Spec("qpa_5pct_r16_std", "qpa", _qpa(r=16, **kw, **STD), 16, {**kw, **STD}),
-            Spec("qpa_dora_5pct", "qpa-dora", _qpa(**kw, use_dora=True), 4, {**kw, "use_dora": True}),
+            Spec("qpa_dora_5pct_std", "qpa-dora", _qpa(**kw, **STD, use_dora=True), 4, {**kw, **STD, "use_dora": True}),
             Spec("bottleneck_b16", "bottleneck", lambda c: peft_qpa.BottleneckConfig(target_modules=c.mlp_targets, bottleneck_size=16), None,
                  {"bottleneck_size": 16}),
-            Spec("qpa_bottleneck_b64", "qpa-bottleneck", lambda c: peft_qpa.QPABottleneckConfig(
-                target_modules=c.mlp_targets, bottleneck_size=64, mapping_hidden_sizes=[64, 64], chunk_size=192, seed=0), None,
-                {"bottleneck_size": 64, "mapping_hidden_sizes": [64, 64], "chunk_size": 192}),
+            Spec("qpa_bottleneck_b16", "qpa-bottleneck", lambda c: peft_qpa.QPABottleneckConfig(
+                target_modules=c.mlp_targets, bottleneck_size=16, mapping_hidden_sizes=[64, 64], chunk_size=192, seed=0,
+                **STD), None, {"bottleneck_size": 16, "mapping_hidden_sizes": [64, 64], "chunk_size": 192, **STD}),
             Spec("vblora_nv32", "vblora", lambda c: VBLoRAConfig(r=4, target_modules=c.targets, num_vectors=32,
                                                                vector_length=192 if not smoke else 4, topk=2, vblora_dropout=0.0),
                  4, {"num_vectors": 32, "topk": 2}),
@@ -247,7 +248,7 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
                               for j in _reuse(lm, b, [f"{base}__{a}" for a in ABLATIONS_CORE], base)],
         "lm_head_ablations_more": _reuse(lm, b, [f"qpa_c256_L8_std__{a}" for a in ABLATIONS_MORE], "qpa_c256_L8_std", (0,)),
         "lm_head_ablations_more_seeds": _reuse(lm, b, [f"qpa_c256_L8_std__{a}" for a in ABLATIONS_MORE], "qpa_c256_L8_std", (1, 2)),
-        "lm_head_family": _reuse(lm, b, ["dora_r4"], "lora_r4") + _reuse(lm, b, ["qpa_dora_c256_L8"], "qpa_c256_L8_std"),
+        "lm_head_family": _reuse(lm, b, ["dora_r4"], "lora_r4") + _reuse(lm, b, ["qpa_dora_c256_L8_std"], "qpa_c256_L8_std"),
         "lm_head_budget": [Job(n, lm, 4 * b, (0,), lrs) for n, lrs in
                            {"lora_r4": (1e-3, 3e-3, 1e-2), "qpa_c256_L8_std": (1e-3, 3e-3, 1e-2)}.items()],
         "all_linear_grid": _grid(al, b, AL_GRID),
@@ -255,13 +256,14 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
                              + _reuse(al, b, ["lora_r1", "lora_r2", "lora_r8"], "lora_r4")
                              + _reuse(al, b, ["qpa_2pct_std", "qpa_10pct_std", "qpa_5pct_r16_std"], "qpa_5pct_std")),
         "all_linear_ablations": [j for base in ("qpa_5pct_std",) for j in _reuse(al, b, [f"{base}__{a}" for a in ABLATIONS_CORE], base)],
-        "all_linear_family": (_reuse(al, b, ["dora_r4"], "lora_r4", (0, 1)) + _reuse(al, b, ["qpa_dora_5pct"], "qpa_5pct_std", (0, 1))
+        "all_linear_family": (_reuse(al, b, ["dora_r4"], "lora_r4", (0, 1)) + _reuse(al, b, ["qpa_dora_5pct_std"], "qpa_5pct_std", (0, 1))
                               + _reuse(al, b, ["bottleneck_b16"], "lora_r4", (0, 1))
-                              + _reuse(al, b, ["qpa_bottleneck_b64"], "qpa_5pct_std", (0, 1))),
-        "all_linear_family_seeds": (_reuse(al, b, ["dora_r4"], "lora_r4", (2,)) + _reuse(al, b, ["qpa_dora_5pct"], "qpa_5pct_std", (2,))
+                              + _reuse(al, b, ["qpa_bottleneck_b16"], "qpa_5pct_std", (0, 1))),
+        "all_linear_family_seeds": (_reuse(al, b, ["dora_r4"], "lora_r4", (2,)) + _reuse(al, b, ["qpa_dora_5pct_std"], "qpa_5pct_std", (2,))
                                     + _reuse(al, b, ["bottleneck_b16"], "lora_r4", (2,))
-                                    + _reuse(al, b, ["qpa_bottleneck_b64"], "qpa_5pct_std", (2,))),
-        "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct") + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
+                                    + _reuse(al, b, ["qpa_bottleneck_b16"], "qpa_5pct_std", (2,))),
+        "all_linear_more": (_reuse(al, b, ["qpa_10pct_wide_std"], "qpa_5pct_std") + _reuse(al, b, ["qpa_published"], "qpa_5pct")
+                            + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
     }
     if smoke:
         groups = {
