@@ -229,7 +229,7 @@ LM_GRID = {  # a fourth, lower rate where the seed-0 best of the first three sat
     "qpa_c256_L8": (1e-3, 3e-3, 1e-2, 3e-2),
     "qpa_c256_L8_std": (1e-3, 3e-3, 1e-2, 3e-2),
     "vblora_nv16": (3e-3, 1e-2, 3e-2),
-    "fourierft_n12k": (1e-1, 3e-1, 1.0),
+    "fourierft_n12k": (1e-1, 3e-1, 1.0, 3.0),
     "vera_r256": (1e-2, 3e-2, 1e-1),
 }
 AL_GRID = {
@@ -253,8 +253,9 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
                            {"lora_r4": (1e-3, 3e-3, 1e-2), "qpa_c256_L8_std": (1e-3, 3e-3, 1e-2)}.items()],
         "all_linear_grid": _grid(al, b, AL_GRID),
         "all_linear_seeds": (_seeds(al, b, list(AL_GRID))
+                             + _reuse(al, b, ["qpa_10pct_std", "qpa_10pct_wide_std", "qpa_2pct_std"], "qpa_5pct_std")
                              + _reuse(al, b, ["lora_r1", "lora_r2", "lora_r8"], "lora_r4")
-                             + _reuse(al, b, ["qpa_2pct_std", "qpa_10pct_std", "qpa_5pct_r16_std"], "qpa_5pct_std")),
+                             + _reuse(al, b, ["qpa_5pct_r16_std"], "qpa_5pct_std")),
         "all_linear_ablations": [j for base in ("qpa_5pct_std",) for j in _reuse(al, b, [f"{base}__{a}" for a in ABLATIONS_CORE], base)],
         "all_linear_family": (_reuse(al, b, ["dora_r4"], "lora_r4", (0, 1)) + _reuse(al, b, ["qpa_dora_5pct_std"], "qpa_5pct_std", (0, 1))
                               + _reuse(al, b, ["bottleneck_b16"], "lora_r4", (0, 1))
@@ -262,7 +263,7 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "all_linear_family_seeds": (_reuse(al, b, ["dora_r4"], "lora_r4", (2,)) + _reuse(al, b, ["qpa_dora_5pct_std"], "qpa_5pct_std", (2,))
                                     + _reuse(al, b, ["bottleneck_b16"], "lora_r4", (2,))
                                     + _reuse(al, b, ["qpa_bottleneck_b16"], "qpa_5pct_std", (2,))),
-        "all_linear_more": (_reuse(al, b, ["qpa_10pct_wide_std"], "qpa_5pct_std") + _reuse(al, b, ["qpa_published"], "qpa_5pct")
+        "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")
                             + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
     }
     if smoke:
@@ -756,6 +757,8 @@ def plot(report: dict, out_dir: Path) -> list[str]:
         ref = _find(rows, regime, "lora_r4", bb)
         if ref:
             ax.axhline(ref["eval_ppl_mean"] * 1.01, color="tab:blue", ls=":", lw=1, label="LoRA r=4 mean + 1 %")
+            if regime == "all_linear":
+                ax.axvline(0.1 * ref["trainable_params"], color="tab:blue", ls="-.", lw=1, label="10 % of LoRA r=4's parameters")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel("held-out perplexity (mean ± std over seeds)")
