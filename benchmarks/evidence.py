@@ -229,7 +229,7 @@ LM_GRID = {  # a fourth, lower rate where the seed-0 best of the first three sat
     "qpa_c256_L8": (1e-3, 3e-3, 1e-2, 3e-2),
     "qpa_c256_L8_std": (1e-3, 3e-3, 1e-2, 3e-2),
     "vblora_nv16": (3e-3, 1e-2, 3e-2),
-    "fourierft_n12k": (1e-1, 3e-1, 1.0, 3.0),
+    "fourierft_n12k": (1e-1, 3e-1, 1.0, 3.0, 10.0),
     "vera_r256": (1e-2, 3e-2, 1e-1),
 }
 AL_GRID = {
@@ -878,7 +878,7 @@ def tables(report: dict) -> str:
         for r in sorted(rs, key=lambda r: (r["trainable_params"], r["name"])):
             pct = f"{100 * r['trainable_params'] / ref['trainable_params']:.1f} %" if ref else ""
             out.append(f"| {r['name']} | {r['method']} | {r['r'] if r['r'] is not None else ''} | {r['trainable_params']:,} | {pct} | "
-                       f"{_grid_text(r)} | {r['lr']:g} | {len(r['seeds'])} | {_pm(r)} |")
+                       f"{_grid_text(r)} | {r['lr']:g}{' (edge)' if r['lr_interior'] is False else ''} | {len(r['seeds'])} | {_pm(r)} |")
         out.append("")
     abl = [r for r in rows if "__" in r["name"] and r["budget_tokens"] == bb]
     if abl:
