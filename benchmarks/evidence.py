@@ -658,7 +658,8 @@ def summarize(runs: list[dict]) -> list[dict]:
             "regime": regime, "name": name, "method": first["method"], "r": first["r"], "budget_tokens": budget,
             "trainable_params": first["trainable_params"], "lr": lr, "lr_grid": {f"{k:g}": seed0[k] for k in grid},
             "lr_interior": (len(grid) >= 3 and grid[0] < lr < grid[-1]) if len(grid) >= 3 else None,
-            "seeds": sorted(r["seed"] for r in at), "eval_ppl_mean": st["mean"], "eval_ppl_std": st["std"], "n_seeds": st["n"],
+            "seeds": sorted(r["seed"] for r in at), "eval_ppl_per_seed": [r["eval_ppl"] for r in sorted(at, key=lambda r: r["seed"])],
+            "eval_ppl_mean": st["mean"], "eval_ppl_std": st["std"], "n_seeds": st["n"],
             "config": first["config"], **{k: first[k] for k in ("n_qubits", "chunk_size", "qnn_depth", "num_generated") if k in first},
         })
     return out
@@ -739,7 +740,7 @@ def plot(report: dict, out_dir: Path) -> list[str]:
     written = []
     for regime in ("lm_head", "all_linear"):
         pts = [r for r in rows if r["regime"] == regime and r["budget_tokens"] == bb and r["method"] in COLORS
-               and math.isfinite(r["eval_ppl_mean"])]
+               and math.isfinite(r["eval_ppl_mean"]) and not _pm(r).startswith("unstable")]  # unstable configs: tables only
         if not pts:
             continue
         fig, ax = plt.subplots(figsize=(9, 6))
@@ -855,6 +856,9 @@ def report(args) -> dict:
 def _pm(r) -> str:
     if not math.isfinite(r["eval_ppl_mean"]):
         return "diverged"
+    per = [p for p in r.get("eval_ppl_per_seed", []) if math.isfinite(p)]
+    if per and max(per) > 1.5 * min(per):  # a seed blew up: the mean and std would hide which
+        return "unstable, per seed: " + " / ".join(f"{p:,.2f}" for p in r["eval_ppl_per_seed"])
     return f"{r['eval_ppl_mean']:.2f} ± {r['eval_ppl_std']:.2f}" if r["n_seeds"] > 1 else f"{r['eval_ppl_mean']:.2f} (1 seed)"
 
 
