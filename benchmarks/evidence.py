@@ -250,7 +250,7 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "lm_head_ablations_more_seeds": _reuse(lm, b, [f"qpa_c256_L8_std__{a}" for a in ABLATIONS_MORE], "qpa_c256_L8_std", (1, 2)),
         "lm_head_family": _reuse(lm, b, ["dora_r4"], "lora_r4") + _reuse(lm, b, ["qpa_dora_c256_L8_std"], "qpa_c256_L8_std"),
         "lm_head_budget": [Job(n, lm, 4 * b, (0,), lrs) for n, lrs in
-                           {"lora_r4": (1e-3, 3e-3, 1e-2), "qpa_c256_L8_std": (1e-3, 3e-3, 1e-2)}.items()],
+                           {"lora_r4": (1e-3, 3e-3, 1e-2, 3e-2), "qpa_c256_L8_std": (1e-3, 3e-3, 1e-2)}.items()],
         "all_linear_grid": _grid(al, b, AL_GRID),
         "all_linear_seeds": (_seeds(al, b, list(AL_GRID))
                              + _reuse(al, b, ["qpa_10pct_std", "qpa_10pct_wide_std", "qpa_2pct_std"], "qpa_5pct_std")
@@ -670,7 +670,9 @@ def _find(rows, regime, name, budget=BASE_BUDGET):
 
 
 def _pooled(a, b) -> float:
-    return math.sqrt((a["eval_ppl_std"] ** 2 + b["eval_ppl_std"] ** 2) / 2)
+    """The seed spread two configs are compared against: the pooled std, or the other's std where one has one seed."""
+    stds = [r["eval_ppl_std"] for r in (a, b) if r["n_seeds"] > 1]
+    return math.sqrt(sum(s * s for s in stds) / len(stds)) if stds else 0.0
 
 
 def goals(rows: list[dict], bb: int = BASE_BUDGET) -> dict:
@@ -887,7 +889,7 @@ def tables(report: dict) -> str:
     abl = [r for r in rows if "__" in r["name"] and r["budget_tokens"] == bb]
     if abl:
         out += ["#### Ablations (each at its full config's lr)", "",
-                "| regime | full config | variant | method | seeds | held-out ppl, mean ± std | full config | difference / pooled std |",
+                "| regime | full config | variant | method | seeds | held-out ppl, mean ± std | full config | difference / seed spread |",
                 "|---|---|---|---|---|---|---|---|"]
         for r in sorted(abl, key=lambda r: (r["regime"], r["name"])):
             base, variant = r["name"].split("__")
