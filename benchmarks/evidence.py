@@ -742,7 +742,8 @@ def plot(report: dict, out_dir: Path) -> list[str]:
     written = []
     for regime in ("lm_head", "all_linear"):
         pts = [r for r in rows if r["regime"] == regime and r["budget_tokens"] == bb and r["method"] in COLORS
-               and math.isfinite(r["eval_ppl_mean"]) and not _pm(r).startswith("unstable")]  # unstable configs: tables only
+               and math.isfinite(r["eval_ppl_mean"]) and not _pm(r).startswith("unstable")  # unstable configs: tables only
+               and "__" not in r["name"]]  # ablations: their own plot
         if not pts:
             continue
         fig, ax = plt.subplots(figsize=(9, 6))
