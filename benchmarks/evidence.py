@@ -74,6 +74,7 @@ from quality import (  # noqa: E402  (the shared harness)
     _git_state,
     _row_key,
     _vblora_vector_length,
+    load_model_and_texts,
     model_fingerprint,
     qpa_facts,
 )
@@ -309,18 +310,8 @@ class Data:
 
 
 def load_data(args) -> Data:
-    from peft_qpa.apps import assets
-
-    loaded = assets.load_model_and_tokenizer(args.model, cache=args.cache_dir, progress=not args.no_progress)
+    loaded, train_texts, eval_texts, split = load_model_and_texts(args, split_seed=0)
     model, tok = loaded.model, loaded.tokenizer
-    model.eval()
-    if args.train_file:
-        train_texts, eval_texts = assets.read_texts([args.train_file]), assets.read_texts([args.eval_file])
-        split = {"train_files": [str(args.train_file)], "eval_files": [str(args.eval_file)]}
-    else:
-        sp = assets.split_plays(assets.fetch_shakespeare(args.cache_dir, progress=not args.no_progress), seed=0)
-        train_texts, eval_texts = assets.read_texts(sp.train_files), assets.read_texts(sp.eval_files)
-        split = {"train_works": sp.train_works, "eval_works": sp.eval_works}
     blocks = tokenize_and_group(tok, train_texts, args.block_size, max_tokens=None)
     order = list(range(len(blocks)))
     random.Random(DATA_SEED).shuffle(order)

@@ -280,19 +280,26 @@ class Task:
     cache_info: Optional[dict] = None
 
 
-def load_task(args) -> Task:
+def load_model_and_texts(args, split_seed: int):
+    """The model (eval mode), its tokenizer and source, the training and held-out texts, and what the split was:
+    ``--train-file/--eval-file`` if given, else the Shakespeare plays split by play with ``split_seed``."""
     from peft_qpa.apps import assets
 
     loaded = assets.load_model_and_tokenizer(args.model, cache=args.cache_dir, progress=not args.no_progress)
-    model, tok = loaded.model, loaded.tokenizer
-    model.eval()
+    loaded.model.eval()
     if args.train_file:
         train_texts, eval_texts = assets.read_texts([args.train_file]), assets.read_texts([args.eval_file])
         split_info = {"train_files": [str(args.train_file)], "eval_files": [str(args.eval_file)]}
     else:
-        split = assets.split_plays(assets.fetch_shakespeare(args.cache_dir, progress=not args.no_progress), seed=args.split_seed)
+        split = assets.split_plays(assets.fetch_shakespeare(args.cache_dir, progress=not args.no_progress), seed=split_seed)
         train_texts, eval_texts = assets.read_texts(split.train_files), assets.read_texts(split.eval_files)
         split_info = {"train_works": split.train_works, "eval_works": split.eval_works}
+    return loaded, train_texts, eval_texts, split_info
+
+
+def load_task(args) -> Task:
+    loaded, train_texts, eval_texts, split_info = load_model_and_texts(args, args.split_seed)
+    model, tok = loaded.model, loaded.tokenizer
     need = args.steps * args.batch_size
     blocks = tokenize_and_group(tok, train_texts, args.block_size, max_tokens=None)
     order = list(range(len(blocks)))
