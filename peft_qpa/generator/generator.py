@@ -424,8 +424,7 @@ class QPAGenerator(nn.Module):
         self._live = None
 
     def _make_live(self, advance: bool, reentrant_checkpointing: bool = False) -> None:
-        if advance:
-            self._report_non_finite()
+        self._report_non_finite()
         # Drop the previous forward's live tensors first: a pending backward keeps what it needs through its graph,
         # and holding them here too would put two generations (2 M numbers) in memory at once.
         self._live = None
@@ -485,6 +484,7 @@ class QPAGenerator(nn.Module):
         if not force and self._unchanged_since(self._snapshot_state):
             return
         state = self._fingerprint()
+        self._report_non_finite()
         tensors = self.split(self.generate())
         for name, (buffers, key) in targets.items():
             buffers[key].copy_(tensors[name])
@@ -520,7 +520,9 @@ class QPAGenerator(nn.Module):
         return worst, tolerance, beyond, total
 
     def _report_non_finite(self) -> None:
-        """Warn once (until the parameters are finite again) when training has made them NaN or inf."""
+        """Warn once (until the parameters are finite again) when the parameters are NaN or inf (training diverged,
+        or a corrupted file was loaded), in every mode: live tensors in training, snapshots in eval and under
+        ``no_grad``. The warning names the member (``member``, set by its owner: ``QT``, ``QPA prefix-tuning``, ...)."""
         params = [p.detach().reshape(-1) for p in self.parameters()]
         if not params or self.angles.is_meta:
             return
@@ -534,10 +536,11 @@ class QPAGenerator(nn.Module):
         bad = [name for name, p in self.named_parameters() if not torch.isfinite(p.detach()).all()]
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         warnings.warn(
-            f"QPA adapter '{getattr(self, 'adapter_name', 'default')}': the generator's parameters are not finite "
-            f"(NaN or inf in {shown}) at step {int(self.step)}, so every generated weight and the loss are NaN from "
-            "here on. Lower the learning rate or clip gradients (Trainer: max_grad_norm), and resume from the last "
-            "checkpoint saved before this step.",
+            f"{getattr(self, 'member', 'QPA')} adapter '{getattr(self, 'adapter_name', 'default')}': the generator's "
+            f"parameters are not finite (NaN or inf in {shown}) at step {int(self.step)}, so every generated tensor "
+            "and the model's outputs are NaN from here on. If training made them so, lower the learning rate or clip "
+            "gradients (Trainer: max_grad_norm) and resume from the last checkpoint saved before this step; if a "
+            "loaded adapter holds them, its weights file is damaged: load a good copy.",
             RuntimeWarning,
             stacklevel=3,
         )

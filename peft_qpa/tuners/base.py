@@ -231,6 +231,7 @@ class QPABaseModel(BaseTuner):
             generator = generator.to(device)
         generator.attach_snapshot(targets)
         generator.adapter_name = adapter_name
+        generator.member = self.peft_type_name
         self._generators()[adapter_name] = generator
         for _, layer in layers:
             layer._qpa_generators[adapter_name] = generator

@@ -14,8 +14,43 @@ def _is_names(value) -> bool:  # a list/set of strings
     return isinstance(value, (list, set, tuple)) and all(isinstance(v, str) for v in value)
 
 
+LOADING_NOTE = (
+    "This adapter needs the peft-qpa package: run `import peft_qpa` before loading it (PeftModel.from_pretrained, "
+    "AutoPeftModel*, PeftConfig.from_pretrained). Without it, PEFT does not know this peft_type and fails with "
+    "KeyError: '<peft_type>'."
+)
+
+
 @dataclass
-class QPATunerConfigMixin:
+class SavedAdapterMixin:
+    """What every saved peft-qpa adapter carries besides PEFT's fields: a ``loading`` field whose value is always
+    :data:`LOADING_NOTE` (the saved ``adapter_config.json`` tells a reader whose PEFT fails with a bare ``KeyError``
+    on the type what to do: PEFT reads the type before any code of ours can run), and the QPA section of the model
+    card."""
+
+    loading: str = field(
+        default=LOADING_NOTE,
+        metadata={"help": "How to load this adapter (written for readers of adapter_config.json; not a setting)."},
+    )
+
+    def __post_init__(self):
+        self.loading = LOADING_NOTE
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save ``adapter_config.json`` and, once the adapter was built, the QPA section of the model card."""
+        super().save_pretrained(save_directory, **kwargs)
+        facts = getattr(self, "_model_card_facts", None)
+        if facts is not None:
+            from .model_card import update_model_card
+
+            update_model_card(save_directory, facts, self.base_model_name_or_path)
+
+
+@dataclass
+class QPATunerConfigMixin(SavedAdapterMixin):
     """Targeting fields (as in ``peft.LoraConfig``) for a config that also inherits ``GeneratorConfig`` and
     ``PeftConfig``: ``class MyConfig(QPATunerConfigMixin, GeneratorConfig, PeftConfig)``."""
 
@@ -110,11 +145,3 @@ class QPATunerConfigMixin:
 
         super()._validate_fields()
 
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Save ``adapter_config.json`` and, once the adapter was built, the QPA section of the model card."""
-        super().save_pretrained(save_directory, **kwargs)
-        facts = getattr(self, "_model_card_facts", None)
-        if facts is not None:
-            from .model_card import update_model_card
-
-            update_model_card(save_directory, facts, self.base_model_name_or_path)

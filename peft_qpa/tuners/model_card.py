@@ -16,7 +16,8 @@ def card_facts(config, generator, classical_parameters: int, tuner=None) -> dict
     """What a reader of the card needs to know about an adapter, from its config, generator and tuner (which
     describes the method: ``card_description`` and ``classical_name``)."""
     trainable = generator.num_trainable()
-    targets = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
+    targets = getattr(config, "target_modules", None)
+    targets = sorted(targets) if isinstance(targets, set) else targets
     return {
         "description": tuner.card_description(config, targets) if tuner is not None else f"an adapter (targets: {targets})",
         "classical_name": getattr(tuner, "classical_name", "the classical twin"),

@@ -23,6 +23,7 @@ PEFT's code:
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from typing import Any, Optional
@@ -30,11 +31,13 @@ from typing import Any, Optional
 import torch
 from peft.tuners.prefix_tuning.model import PrefixEncoder
 from peft.tuners.tuners_utils import BasePromptEncoder
+from peft.utils import _prepare_prompt_learning_config
 from torch import nn
 from transformers import DynamicCache
 
 from ...generator import QPAGenerator, TensorSpec
 from ...peft_types import QPA_PREFIX_TUNING
+from ..model_card import card_facts
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # PEFT's key for prefix tuning's table: the generated snapshot
 GENERATOR_KEY = "qpa_prefix_generator."  # the generator's state, saved beside it
@@ -83,6 +86,16 @@ class QPAPrefixEncoder(BasePromptEncoder):
 
     prefix = "qpa_prefix_"
     classical_name = CLASSICAL_NAME
+    card_tags = ("prefix-tuning",)
+    card_classical_use = (
+        "Without any quantum software: export the generated prefixes once with\n"
+        '`peft_qpa.export(model, "prefix-twin")`; the result is a standard prefix-tuning adapter that plain `peft`\n'
+        "loads with `PeftModel.from_pretrained`."
+    )
+
+    def card_description(self, config, targets) -> str:
+        return (f"a prefix-tuning adapter ({config.num_virtual_tokens} virtual tokens: a key and a value prefix in "
+                f"each of {config.num_layers} layers)")
 
     def __init__(self, config):
         super().__init__()
@@ -92,9 +105,11 @@ class QPAPrefixEncoder(BasePromptEncoder):
         if missing:
             raise ValueError(f"QPAPrefixTuningConfig.{missing[0]} is not set (get_peft_model reads it from the model).")
         self.prefix_projection = False
+        self.shape_fields = {n: getattr(config, n) for n in ("num_virtual_tokens", "num_layers", "token_dim")}
         shape = (config.num_virtual_tokens, config.num_layers * 2 * config.token_dim)
         init = "zeros" if config.init_weights == "zero" else "normal"
         self.generator = QPAGenerator.from_config(config, [TensorSpec(TENSOR_NAME, shape, init)])
+        self.generator.member = "QPA prefix-tuning"
         self.embedding = PrefixSnapshot(shape, self.generator.offset.dtype, self.generator)
         self.generator.attach_snapshot({TENSOR_NAME: (self.embedding._buffers, "snapshot")})
         self.generator.requires_grad_(not config.inference_mode)
@@ -140,8 +155,9 @@ class QPAPrefixEncoder(BasePromptEncoder):
         if tuple(snapshot.shape) != tuple(self.embedding.snapshot.shape):
             raise ValueError(
                 f"The saved prefixes have shape {tuple(snapshot.shape)}, the model needs "
-                f"{tuple(self.embedding.snapshot.shape)} (num_virtual_tokens x num_layers * 2 * token_dim): the "
-                "adapter was trained for another model or another num_virtual_tokens."
+                f"{tuple(self.embedding.snapshot.shape)} (num_virtual_tokens x num_layers * 2 * token_dim, with this "
+                f"model's num_layers={self.shape_fields['num_layers']}, token_dim={self.shape_fields['token_dim']}): "
+                "the adapter was trained for another model or another num_virtual_tokens."
             )
         generator_state = {k[len(GENERATOR_KEY):]: v for k, v in state_dict.items() if k.startswith(GENERATOR_KEY)}
         if generator_state:
@@ -179,16 +195,50 @@ def _setup_prompt_encoder_wrapper(original):
             return original(self, adapter_name)
         if _checkpointing_on(self.get_base_model()):
             raise ValueError(GRADIENT_CHECKPOINTING_MESSAGE)
+        _check_prefix_shape(config, self.get_base_model(), adapter_name)
         # Neither PEFT's PrefixEncoder (replaced below) nor building the generator (its layers are created before
         # they are re-initialised from `seed`) advances the caller's RNG: the adapter depends on `seed` alone.
         with torch.random.fork_rng(devices=[]):
             original(self, adapter_name)
             encoder = QPAPrefixEncoder(config)
         encoder.attach(self.get_base_model())
+        encoder.generator.adapter_name = adapter_name
         self.prompt_encoder[adapter_name] = encoder.to(self.device)
+        config._model_card_facts = card_facts(config, encoder.generator, encoder.classical_parameter_count(), encoder)
 
     _setup_prompt_encoder.__peft_qpa__ = True
     return _setup_prompt_encoder
+
+
+SHAPE_FIELDS = ("num_layers", "token_dim", "num_attention_heads")
+
+
+def _check_prefix_shape(config, base_model: nn.Module, adapter_name: str) -> None:
+    """Refuse a prefix adapter whose shape fields (saved in its config) are not the ones PEFT derives from this
+    model: a prefix for more layers would run silently with the extra layers ignored, one for fewer fails deep in
+    transformers' cache code, and one of another width fails in attention."""
+    model_config = getattr(base_model, "config", None)
+    if model_config is None or not all(isinstance(getattr(config, n, None), int) for n in SHAPE_FIELDS):
+        return
+    probe = copy.copy(config)
+    for name in SHAPE_FIELDS:
+        setattr(probe, name, None)
+    try:
+        probe = _prepare_prompt_learning_config(probe, model_config)
+    except ValueError:
+        return  # a model whose shape PEFT cannot read: the user set the fields, PEFT's own checks apply
+    saved = {n: getattr(config, n) for n in SHAPE_FIELDS}
+    derived = {n: getattr(probe, n) for n in SHAPE_FIELDS}
+    if saved == derived:
+        return
+    show = lambda values: ", ".join(f"{n}={v}" for n, v in values.items())  # noqa: E731
+    raise ValueError(
+        f"The QPA prefix-tuning adapter {adapter_name!r} does not fit this model (adapter: {show(saved)}; this "
+        f"model: {show(derived)}; token_dim and num_attention_heads are the key/value width and heads, "
+        "head_dim x num_key_value_heads under grouped-query attention). Its prefixes hold one key and one value per "
+        "layer of the model it was trained for (base_model_name_or_path in its adapter_config.json: "
+        f"{getattr(config, 'base_model_name_or_path', None)!r}): load it onto that model."
+    )
 
 
 def _get_adapter_state_dict_wrapper(original):
@@ -254,10 +304,47 @@ def prepare_prefixed_inputs(peft_model, *args, **kwargs) -> dict:
     return inputs
 
 
+MERGE_METHODS = ("merge_and_unload", "merge_adapter", "unmerge_adapter", "unload")
+
+
+def _merge_message(name: str) -> str:
+    return (
+        f"'{name}' is not available: prefix tuning cannot be merged into the model's weights (its prefixes are extra "
+        "key/value positions in every layer, not a change of any weight), neither in PEFT nor in peft_qpa. To use the "
+        "trained adapter without peft_qpa, write its classical twin with peft_qpa.export(model, \"prefix-twin\") (a "
+        "plain PEFT prefix-tuning adapter); to drop the adapter, use model.get_base_model()."
+    )
+
+
+def _getattr_wrapper(original):
+    @functools.wraps(original)
+    def __getattr__(self, name: str):
+        try:
+            return original(self, name)
+        except AttributeError as error:
+            if name in MERGE_METHODS and is_qpa_prefix(_active_config(self)):
+                raise AttributeError(_merge_message(name)) from error
+            raise
+
+    __getattr__.__peft_qpa__ = True
+    return __getattr__
+
+
+def _active_config(peft_model) -> Any:
+    try:
+        return peft_model.peft_config[peft_model.active_adapter]
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
 def install_prefix_support() -> None:
-    """Wrap the three PEFT points above (once; a second call changes nothing)."""
+    """Wrap the PEFT points above (once; a second call changes nothing)."""
     from peft import PeftModel, PeftModelForCausalLM
 
+    # PeftModel forwards unknown attributes to the base model: for prefix tuning that is the transformers model, so
+    # merge_and_unload() would fail with "'LlamaForCausalLM' object has no attribute ...". Ours says what to do.
+    if not getattr(PeftModel.__getattr__, "__peft_qpa__", False):
+        PeftModel.__getattr__ = _getattr_wrapper(PeftModel.__getattr__)
     if not getattr(PeftModel._setup_prompt_encoder, "__peft_qpa__", False):
         PeftModel._setup_prompt_encoder = _setup_prompt_encoder_wrapper(PeftModel._setup_prompt_encoder)
     current = PrefixEncoder.__dict__.get("_get_adapter_state_dict")
