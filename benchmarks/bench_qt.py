@@ -135,9 +135,9 @@ def measure(size: int, layers: int, batch: int, steps: int, config: dict) -> dic
     persistent += generator.offset.numel() * generator.offset.element_size()
     qt_times = timed_steps(model, x, steps)
     model.zero_grad(set_to_none=True)
-    generator.drop_live()  # the step below starts as a fresh step does: the last step's generation released
+    model.base_model.generated_cache().drop_live()  # the step below starts as a fresh step does: the last step's generation released
     qt_peak = step_peak(model, x)
-    generator.drop_live()
+    model.base_model.generated_cache().drop_live()
     reference = copy.deepcopy(base).requires_grad_(False)
     x_grad = x.clone().requires_grad_(True)
     base_peak = step_peak(reference, x_grad)

@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
             cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"])
         pm = get_peft_model(mm, cfg)
         head = pm.base_model.model.lm_head
-        gen = pm.base_model.get_generator("default") if method == "qpa" else None
+        gen = pm.base_model.generated_cache("default") if method == "qpa" else None
         params = [p for p in pm.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         t, losses = time.time(), []

@@ -11,6 +11,8 @@ config)``, ``PeftModel.from_pretrained`` and ``AutoPeftModel*`` work as for LoRA
 
 ``export(model, dir)`` writes a member's classical twin for plain PEFT (LoRA, DoRA, prefix tuning).
 
+Every change the import makes to PEFT's own objects is listed in ``peft_qpa.patches`` (``PATCHES``).
+
 Layout: ``generator/`` (the circuit, its backends, the mapping MLP: usable alone), ``tuners/`` (the shared
 tuner machinery in ``base.py``, one package per method) and ``apps/`` (export, Hub upload, the demo, its
 assets and the perplexity evaluation).
@@ -20,6 +22,7 @@ from .apps.export import export, export_lora
 from .apps.hub import push_to_hub
 from .generator import GeneratorConfig, QPAGenerator, TensorSpec, build_ansatz, n_qubits_for
 from .generator.backends.aer import available_fake_backends
+from .patches import apply_patches
 from .peft_types import BOTTLENECK, QPA, QPA_BOTTLENECK, QPA_PREFIX_TUNING, QT, register
 from .tuners.base import GeneratedTensor, QPABaseLayer, QPABaseModel
 from .tuners.bottleneck import (
@@ -31,21 +34,21 @@ from .tuners.bottleneck import (
     QPABottleneckModel,
 )
 from .tuners.lora import QPAConfig, QPALayer, QPAModel
-from .tuners.prefix import QPAPrefixEncoder, QPAPrefixTuningConfig, install_prefix_support
+from .tuners.prefix import QPAPrefixEncoder, QPAPrefixTuningConfig
 from .tuners.qt import QTConfig, QTLayer, QTModel
-from .tuners.saving import install_staged_save
 
 __version__ = "0.2.0"
 
 
 def register_qpa() -> None:
-    """Register every method of the package with PEFT (idempotent; ``import peft_qpa`` already does it)."""
-    install_staged_save()
+    """Register every method of the package with PEFT (idempotent; ``import peft_qpa`` already does it): first the
+    patches to PEFT's own objects (``peft_qpa.patches``, the list of them all), then each method through PEFT's
+    ``register_peft_method``."""
+    apply_patches()
     register(QPA, QPAConfig, QPAModel)
     register(QT, QTConfig, QTModel)
     register(QPA_BOTTLENECK, QPABottleneckConfig, QPABottleneckModel)
     register(BOTTLENECK, BottleneckConfig, BottleneckModel)
-    install_prefix_support()
     register(QPA_PREFIX_TUNING, QPAPrefixTuningConfig, QPAPrefixEncoder)
 
 

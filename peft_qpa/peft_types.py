@@ -3,6 +3,9 @@
 A leaf module: it imports nothing of ``peft_qpa``. PEFT 0.21 dispatches every load on the ``peft_type`` string
 through its mappings and has no entry-point discovery, so ``import peft_qpa`` must run before an adapter is
 loaded. Both steps are idempotent: importing (or reloading) the package twice does not fail.
+
+Registration is PEFT's public API; extending ``PeftType`` is not, so it is one of the patches listed in
+``peft_qpa.patches``, which checks the enum before :func:`ensure_peft_type` first extends it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ QPA_PREFIX_TUNING = "QPA_PREFIX_TUNING"  # prefix tuning whose prefixes are gene
 
 
 def ensure_peft_type(name: str) -> PeftType:
-    """Add ``PeftType.<name>`` to PEFT's ``str`` Enum if it is not there yet and return it."""
+    """Add ``PeftType.<name>`` to PEFT's ``str`` Enum if it is not there yet and return it (through the Enum's
+    member tables: the Enum has no public way to add a member)."""
     if name in PeftType.__members__:
         return PeftType[name]
     member = str.__new__(PeftType, name)

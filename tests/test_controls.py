@@ -100,7 +100,7 @@ def test_standardized_probability_column_has_unit_spread_and_keeps_the_zero_star
         model = get_peft_model(tiny_llama(), peft_qpa.QPAConfig(**SMALL, probability_scaling=scaling))
         g = model.base_model.get_generator()
         with torch.no_grad():
-            col = g._probability_column(0).squeeze(1)
+            col = g.features(0).squeeze(1)
             torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-5)
         assert abs(float(col.mean())) < 1e-5
         columns[scaling] = col

@@ -234,7 +234,7 @@ def test_delete_adapter_frees_its_generator(input_ids):
     gc.collect()
     assert ref() is None
     for _, layer in qpa_layers(model):
-        assert "other" not in layer._qpa_generators and "other" not in layer._qpa_tensor_names
+        assert "other" not in layer._qpa_caches and "other" not in layer._qpa_tensor_names
 
 
 def test_a_qpa_model_can_be_pickled(input_ids):

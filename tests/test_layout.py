@@ -76,6 +76,7 @@ LAYERS = {
     "peft_qpa.peft_types": (),
     "peft_qpa.generator": ("peft_qpa.generator",),
     "peft_qpa.tuners": ("peft_qpa.generator", "peft_qpa.tuners", "peft_qpa.peft_types"),
+    "peft_qpa.patches": ("peft_qpa.tuners", "peft_qpa.peft_types"),
 }
 
 

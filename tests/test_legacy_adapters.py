@@ -39,7 +39,7 @@ def test_legacy_adapter_generator_reproduces_snapshot(case, recwarn):
     expected = load_file(str(FIXTURES / case / "expected.safetensors"))
     model = _load(case)
     assert not [w for w in recwarn if "disagree" in str(w.message)]
-    model.base_model.get_generator().refresh_snapshot(force=True)
+    model.base_model.generated_cache().refresh(force=True)
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
     torch.testing.assert_close(logits, expected["logits"], rtol=1e-4, atol=1e-5)

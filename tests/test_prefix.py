@@ -23,7 +23,8 @@ from transformers import Trainer, TrainingArguments
 
 import peft_qpa
 from peft_qpa import QPAPrefixTuningConfig, QTConfig
-from peft_qpa.tuners.prefix.model import GRADIENT_CHECKPOINTING_MESSAGE, install_prefix_support
+from peft_qpa.patches import apply_patches
+from peft_qpa.tuners.prefix.model import GRADIENT_CHECKPOINTING_MESSAGE
 
 try:
     from .tiny_models import MODEL_FACTORIES, small_config
@@ -416,9 +417,9 @@ torch.save(results, {str(tmp_path / "plain.pt")!r})
 
 
 def test_hooks_are_installed_once_and_only_for_ours():
-    install_prefix_support()
+    apply_patches()
     peft_qpa.register_qpa()
-    install_prefix_support()
+    apply_patches()
     from peft import PeftModel as Base
 
     setup = Base._setup_prompt_encoder

@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 import peft_qpa
-import peft_qpa.generator.generator as generator_module
+import peft_qpa.generator.blockwise as blockwise_module
 from peft_qpa import QTConfig
 
 try:
@@ -237,7 +237,7 @@ def test_save_and_load_give_identical_outputs(tmp_path):
     assert isinstance(loaded.base_model, peft_qpa.QTModel)
     torch.testing.assert_close(out(loaded), expected, rtol=0, atol=0)
     # the loaded generator reproduces the snapshot: training could continue from it
-    worst, tolerance, beyond, _ = loaded.base_model.get_generator().snapshot_disagreement()
+    worst, tolerance, beyond, _ = loaded.base_model.generated_cache().disagreement()
     assert beyond == 0, (worst, tolerance)
 
 
@@ -307,8 +307,8 @@ def test_blockwise_generation_matches_the_whole_mlp_path(monkeypatch):
         return g.generate().detach(), {n: p.grad.clone() for n, p in g.named_parameters()}, g
 
     flat, grads, g = run()
-    monkeypatch.setattr(generator_module, "BLOCKWISE_MIN_GENERATED", 0)
-    monkeypatch.setattr(generator_module, "BLOCK_ELEMENTS_MIN", 200)
+    monkeypatch.setattr(blockwise_module, "BLOCKWISE_MIN_GENERATED", 0)
+    monkeypatch.setattr(blockwise_module, "BLOCK_ELEMENTS_MIN", 200)
     flat_b, grads_b, g_b = run()
     assert g_b.block_rows() < g_b.n_chunks  # several blocks
     torch.testing.assert_close(flat_b, flat, rtol=1e-5, atol=1e-6)
@@ -325,17 +325,17 @@ def test_generation_memory_of_a_training_step_is_bounded():
     width, layers = 256, 4
     base = bench_qt.mlp(width, layers)
     m = layers * width * width
-    assert m >= generator_module.BLOCKWISE_MIN_GENERATED
+    assert m >= blockwise_module.BLOCKWISE_MIN_GENERATED
     model = bench_qt.qt_model(base, chunk_size=64, qnn_depth=2, mapping_hidden_sizes=[32, 64, 32])
     model.train()
     x = torch.randn(4, width)
     model(x).pow(2).mean().backward()  # a first step: the previous step's tensors exist as in training
     generator = model.base_model.get_generator()
-    generator.drop_live()
+    model.base_model.generated_cache().drop_live()
     model.zero_grad(set_to_none=True)
     qt_peak = bench_qt.step_peak(model, x)
     base_peak = bench_qt.step_peak(copy.deepcopy(base).requires_grad_(False), x.clone().requires_grad_(True))
-    block = max(generator_module.BLOCK_ELEMENTS_MIN, m // generator_module.BLOCK_FRACTION)
+    block = max(blockwise_module.BLOCK_ELEMENTS_MIN, m // blockwise_module.BLOCK_FRACTION)
     generation = qt_peak - base_peak
     assert generation >= 2 * 4 * m * 0.95  # it measures something real: the output and its gradient
     assert generation <= 4 * (2 * m + 2 * block), (generation / (4 * m), block / m)

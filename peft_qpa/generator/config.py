@@ -220,7 +220,7 @@ class GeneratorConfig:
         if parent is not None:
             parent()
         if isinstance(self.noise_model, dict):  # a NoiseModel as stored in adapter_config.json
-            from .backends.aer import noise_model_from_json
+            from .noise import noise_model_from_json
 
             self.noise_model = noise_model_from_json(self.noise_model)
         self._normalize()
@@ -315,19 +315,16 @@ class GeneratorConfig:
                 "(exact noisy probabilities from a density matrix, N <= 12)."
             )
         if self.noise_model is not None:
+            from .noise import is_noise_model, resolve_fake_backend_name
+
             if isinstance(self.noise_model, str):
-                from .backends.aer import resolve_fake_backend_name
-
                 resolve_fake_backend_name(self.noise_model)  # names only: no device or noise model is built
-            else:
-                from qiskit_aer.noise import NoiseModel
-
-                if not isinstance(self.noise_model, NoiseModel):
-                    fail(
-                        "noise_model",
-                        "None, a fake IBM device name such as 'fake_kyiv' (peft_qpa.aer.available_fake_backends() "
-                        "lists them) or a qiskit_aer.noise.NoiseModel",
-                    )
+            elif not is_noise_model(self.noise_model):
+                fail(
+                    "noise_model",
+                    "None, a fake IBM device name such as 'fake_kyiv' (peft_qpa.available_fake_backends() "
+                    "lists them) or a qiskit_aer.noise.NoiseModel",
+                )
         if self.generative_interpolation and self.backend != "aer_shots":
             raise ValueError(
                 f"{cls}.generative_interpolation=True only applies to backend='aer_shots': exact probabilities "
@@ -352,7 +349,7 @@ class GeneratorConfig:
         parent = getattr(super(), "to_dict", None)
         output = parent() if parent is not None else dataclasses.asdict(self)
         if output.get("noise_model") is not None and not isinstance(output["noise_model"], str):
-            from .backends.aer import noise_model_to_json
+            from .noise import noise_model_to_json
 
             output["noise_model"] = noise_model_to_json(output["noise_model"])
         return output

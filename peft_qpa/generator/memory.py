@@ -2,19 +2,17 @@
 
 See ``docs/config.md``, "Memory caps". :func:`estimate_memory` adds what the user-set sizes of a
 :class:`~peft_qpa.generator.config.GeneratorConfig` allocate; :func:`check_memory` compares it with
-:func:`memory_budget`.
+:func:`memory_budget`. They read the config's values through :class:`MemorySizes` rather than importing the
+config class, which calls them from its own validation.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 from .circuit import n_qubits_for
-
-if TYPE_CHECKING:
-    from .config import GeneratorConfig
 
 # --- memory caps (see docs/config.md, "Memory caps") ---
 # Peak memory of one Aer shot job per shot, measured with counts only (no memory=True), as AerProbabilities asks:
@@ -29,6 +27,22 @@ _OUTPUT_COPIES = 6
 _ACTIVATION_COPIES = 4
 MEMORY_BUDGET_ENV = "PEFT_QPA_MEMORY_BUDGET_GB"
 MEMORY_BUDGET_FRACTION = 0.5
+
+
+class MemorySizes(Protocol):
+    """The values of a generator config that the estimate reads (a ``GeneratorConfig`` or a member's config)."""
+
+    chunk_size: int
+    mapping_hidden_sizes: list
+    simulator_dtype: str
+    backend: str
+    shots: Optional[int]
+    shots_per_state: Optional[int]
+    generative_interpolation: bool
+    gi_hidden_sizes: list
+    generated_size_field: str  # the field that sets M, its description, and how to lower it
+    generated_size_what: str
+    generated_size_hint: str
 
 
 def _format_bytes(n: float) -> str:
@@ -103,7 +117,7 @@ def _mlp_parameters(widths: list[int]) -> int:
 
 
 def estimate_memory(
-    config: "GeneratorConfig", num_generated: Optional[int] = None, shots: Optional[int] = None
+    config: MemorySizes, num_generated: Optional[int] = None, shots: Optional[int] = None
 ) -> dict[str, tuple[str, int]]:
     """Estimated peak training memory in bytes of what user-set sizes allocate, as ``{field: (what, bytes)}``:
     the mapping MLP's output layer and the padding of its last chunk (``chunk_size``), its hidden layers
@@ -155,7 +169,7 @@ def estimate_memory(
     return terms
 
 
-def check_memory(config: "GeneratorConfig", num_generated: Optional[int] = None, shots: Optional[int] = None) -> None:
+def check_memory(config: MemorySizes, num_generated: Optional[int] = None, shots: Optional[int] = None) -> None:
     """Raise ``ValueError`` if :func:`estimate_memory` exceeds :func:`memory_budget`, before anything is allocated.
 
     The message names the field behind the largest term, its estimate, the budget and how to lower it."""

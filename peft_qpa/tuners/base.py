@@ -10,23 +10,27 @@
   load, and overrides the trainability, casting and deletion hooks that PEFT's generic code applies to
   per-layer weights only.
 
-A method (``lora/``, ``qt/``, ...) subclasses both: its layers declare their tensors and implement forward,
-merge and unmerge; its model creates its layers (``_create_and_replace``).
+* :class:`ReplacesTargets`: ``_create_and_replace`` as every member's tuner (QPA or classical) does it.
+
+A method (``lora/``, ``qt/``, ...) subclasses both: its layers name their snapshots in one table
+(:attr:`QPABaseLayer.SNAPSHOTS`), declare their tensors and implement forward, merge and unmerge; its model
+says how to build its layers (``_layer_kwargs``, ``_create_new_module``).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.utils import logging
 
 from ..generator import QPAGenerator, TensorSpec
+from .cache import GeneratedCache
 
 logger = logging.get_logger(__name__)
 
@@ -45,27 +49,59 @@ class GeneratedTensor:
     snapshot: str
 
 
+@dataclass(frozen=True)
+class TensorNames:
+    """The names of one generated tensor, written once per member (its layer's ``SNAPSHOTS`` table) so that the
+    layer, the saved keys and the export agree: ``name`` in the layer and the generator, ``buffer`` the layer's
+    ``BufferDict`` holding its snapshot (the saved key), ``twin_key`` its key in the classical twin's adapter
+    (PEFT's name, for the members that export one)."""
+
+    name: str
+    buffer: str
+    twin_key: Optional[str] = None
+
+    def declare(self, shape: tuple[int, ...], init: str) -> GeneratedTensor:
+        return GeneratedTensor(self.name, tuple(shape), init, self.buffer)
+
+
 class QPABaseLayer(BaseTunerLayer):
-    """Base of every QPA tuner layer. Subclasses call :meth:`add_generated` in ``update_layer`` and list their
-    snapshot ``BufferDict`` names in ``other_param_names`` (after :attr:`GENERIC_STATE`)."""
+    """Base of every QPA tuner layer. Subclasses name their generated tensors in :attr:`SNAPSHOTS` (the base
+    creates the snapshot ``BufferDict`` of each), end ``update_layer`` with :meth:`_finish_update` and list the
+    snapshot buffers in ``other_param_names`` (after :attr:`GENERIC_STATE`).
+
+    A concrete layer lists its tuner layer class before ``nn.Module`` (``class Linear(QPALayer, nn.Module)``),
+    so that the layer's forward and ``__repr__`` are not shadowed by ``nn.Module``'s."""
 
     # No per-layer trainable weights: the trainable state lives in the tuner's shared generator.
     adapter_layer_names: tuple[str, ...] = ()
     # Per-adapter state that delete_adapter must drop too: the declarations, the generator reference, the
     # declared tensors' names in the generator, and what a merge added to the base weight.
-    GENERIC_STATE = ("_qpa_declared", "_qpa_generators", "_qpa_tensor_names", "_qpa_merged")
+    GENERIC_STATE = ("_qpa_declared", "_qpa_caches", "_qpa_tensor_names", "_qpa_merged")
     other_param_names: tuple[str, ...] = GENERIC_STATE
+    # The member's one table of generated tensors, by role: their names in the layer and the generator, their
+    # snapshot buffers (saved keys) and, where exported, the classical twin's keys.
+    SNAPSHOTS: dict[str, TensorNames] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if issubclass(cls, nn.Module) and cls.forward is nn.Module.forward:
+            raise TypeError(
+                f"{cls.__qualname__}: list the tuner layer class before nn.Module in the bases; nn.Module's forward "
+                "would shadow the layer's."
+            )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
+        for names in self.SNAPSHOTS.values():
+            setattr(self, names.buffer, BufferDict({}, persistent=True))
         # Quantized base layers (bitsandbytes, HQQ, torchao): merge/unmerge read and write the base weight
         # through PEFT's backend, as VeRA and LoRA do.
         self.quantization_backend = resolve_quantization_backend(
             self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
         )
         self._qpa_declared: dict[str, list[GeneratedTensor]] = {}
-        # Plain dicts, so that the generator is not registered (and saved) once per layer.
-        self._qpa_generators: dict[str, QPAGenerator] = {}
+        # Plain dicts, so that the generator (reached through its cache) is not registered (and saved) once per layer.
+        self._qpa_caches: dict[str, GeneratedCache] = {}
         self._qpa_tensor_names: dict[str, dict[str, str]] = {}  # adapter -> tensor name -> name in the generator
         self._qpa_merged: dict[str, Any] = {}  # adapter -> what merge() added (unmerge subtracts exactly that)
         self._disable_adapters = False
@@ -80,6 +116,13 @@ class QPABaseLayer(BaseTunerLayer):
         for tensor in tensors:
             getattr(self, tensor.snapshot)[adapter_name] = torch.zeros(tensor.shape)
 
+    def _finish_update(self, adapter_name: str, tensors: list[GeneratedTensor], inference_mode: bool = False) -> None:
+        """The end of every member's ``update_layer``, as PEFT's layers end theirs: declare the tensors, follow the
+        base layer's device and dtype, and keep the active adapters (and their trainability) as they are."""
+        self.add_generated(adapter_name, tensors)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
     def declared(self, adapter_name: str) -> list[GeneratedTensor]:
         return self._qpa_declared.get(adapter_name, [])
 
@@ -89,18 +132,18 @@ class QPABaseLayer(BaseTunerLayer):
     def generated(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The declared tensors for this forward, by name: the generator's live (differentiable) output while
         gradients are needed, else the snapshot (regenerated first if the generator changed)."""
-        generator = self._qpa_generators.get(adapter_name)
-        if generator is not None:
-            live = generator.live_tensors(training=self.training)
+        cache = self._qpa_caches.get(adapter_name)
+        if cache is not None:
+            live = cache.live(training=self.training)
             if live is not None:
                 return {name: live[full] for name, full in self._qpa_tensor_names[adapter_name].items()}
         return self._snapshot_tensors(adapter_name)
 
     def snapshot(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The declared tensors as the generator produces them now (regenerated if it changed in any way)."""
-        generator = self._qpa_generators.get(adapter_name)
-        if generator is not None:
-            generator.refresh_snapshot()
+        cache = self._qpa_caches.get(adapter_name)
+        if cache is not None:
+            cache.refresh()
         return self._snapshot_tensors(adapter_name)
 
     def _snapshot_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -136,11 +179,41 @@ class QPABaseLayer(BaseTunerLayer):
 GENERATOR_SUFFIX = "generator"
 
 
-class QPABaseModel(BaseTuner):
+class ReplacesTargets:
+    """``_create_and_replace`` (PEFT's ``BaseTuner`` calls it for each matched target) written once for every
+    member's tuner, QPA or classical: a target that already is one of the member's layers
+    (``tuner_layer_cls``) gets the adapter added by its ``update_layer``; any other module is wrapped in a new
+    layer, frozen unless its adapter is active. A tuner says what its layers take (:meth:`_layer_kwargs`) and,
+    unless ``tuner_layer_cls`` is itself the one layer class to build, which layer wraps a target
+    (:meth:`_create_new_module`)."""
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        layer_kwargs = self._layer_kwargs(config, target, current_key)
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, **layer_kwargs)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, **layer_kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _layer_kwargs(self, config, target: nn.Module, current_key: str) -> dict[str, Any]:
+        """The keyword arguments of the layer's ``update_layer`` for ``target`` (a new layer is built with them too)."""
+        raise NotImplementedError
+
+    def _create_new_module(self, config, adapter_name: str, target: nn.Module, **layer_kwargs: Any) -> nn.Module:
+        """The layer that wraps ``target``."""
+        return self.tuner_layer_cls(target, adapter_name, **layer_kwargs)
+
+
+class QPABaseModel(ReplacesTargets, BaseTuner):
     """Base of every QPA tuner: one generator per adapter, shared by all the adapter's layers.
 
     Subclasses set ``prefix``, ``tuner_layer_cls`` (a :class:`QPABaseLayer` subclass), ``target_module_mapping``,
-    ``classical_name`` and implement ``_create_and_replace``."""
+    ``classical_name`` and implement :meth:`~ReplacesTargets._layer_kwargs` (and ``_create_new_module`` where
+    several layer classes exist)."""
 
     uses_shared_state: bool = True
     # What the generated numbers replace (generator_summary's ratio line, the model card), and how to use the
@@ -173,6 +246,18 @@ class QPABaseModel(BaseTuner):
         if self.generator_attr not in self._modules:
             self.add_module(self.generator_attr, nn.ModuleDict())
         return self._modules[self.generator_attr]
+
+    def _caches(self) -> dict[str, GeneratedCache]:
+        """Adapter name -> its :class:`GeneratedCache` (a plain dict: the cache holds no state to save)."""
+        if "_qpa_cache_dict" not in self.__dict__:
+            self.__dict__["_qpa_cache_dict"] = {}
+        return self.__dict__["_qpa_cache_dict"]
+
+    def generated_cache(self, adapter_name: str = "default") -> GeneratedCache:
+        """The adapter's generated tensors: ``.refresh(force=True)`` regenerates its snapshots now,
+        ``.disagreement()`` compares them with the generator's output, ``.drop_live()`` releases the live ones."""
+        self.get_generator(adapter_name)  # a clear error for an unknown adapter
+        return self._caches()[adapter_name]
 
     def get_generator(self, adapter_name: str = "default") -> QPAGenerator:
         """The generator module of an adapter: ``.n_qubits``, ``.circuit()``, ``.probabilities()``, ``.generate()``."""
@@ -229,15 +314,14 @@ class QPABaseModel(BaseTuner):
         on_meta = any(p.is_meta for p in generator.parameters())
         if device.type != "meta" and not on_meta:
             generator = generator.to(device)
-        generator.attach_snapshot(targets)
-        generator.adapter_name = adapter_name
-        generator.member = self.peft_type_name
+        cache = GeneratedCache(generator, targets, member=self.peft_type_name, adapter_name=adapter_name)
         self._generators()[adapter_name] = generator
+        self._caches()[adapter_name] = cache
         for _, layer in layers:
-            layer._qpa_generators[adapter_name] = generator
+            layer._qpa_caches[adapter_name] = cache
         generator.requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
         if not on_meta:
-            generator.refresh_snapshot()
+            cache.refresh()
         from .model_card import TAGS, card_facts
 
         config._model_card_facts = card_facts(config, generator, self.classical_parameter_count(adapter_name), self)
@@ -259,29 +343,65 @@ class QPABaseModel(BaseTuner):
         snapshot (a corrupted file, or an edited config field that keeps the shapes) is reported."""
         missing = incompatible_keys.missing_keys
         for adapter_name, generator in self._generators().items():
+            config = self.peft_config.get(adapter_name)
             snapshot_keys = self._snapshot_keys(adapter_name)
             if any(k.endswith(key) for k in missing for key in snapshot_keys):
-                continue  # this adapter's snapshot was not in the loaded state dict
+                # This adapter's snapshot was not in the loaded state dict: nothing to check. An adapter saved with
+                # save_generated_tensors=False regenerates it from the loaded generator.
+                if not getattr(config, "save_generated_tensors", True) and self._generator_loaded(adapter_name, missing):
+                    self._regenerate_after_load(adapter_name)
+                    # Not missing: regenerated (the list may be edited in place; PEFT warns about what remains).
+                    offset_key = f"{self.generator_attr}.{adapter_name}.offset"
+                    missing[:] = [k for k in missing if not (k.endswith(offset_key)
+                                                             or any(k.endswith(key) for key in snapshot_keys))]
+                continue
             if any(p.is_meta for p in generator.parameters()):
                 continue
             generator_loaded = not any(f"{self.generator_attr}.{adapter_name}." in k for k in missing)
+            cache = self._caches()[adapter_name]
             if generator_loaded:
-                worst, tolerance, beyond, total = generator.snapshot_disagreement()
-                if beyond:
-                    config = self.peft_config.get(adapter_name)
-                    warnings.warn(
-                        f"{self.peft_type_name} adapter '{adapter_name}': the loaded snapshot and the output "
-                        f"regenerated from the loaded generator disagree (max |difference| {worst:.3g} in {beyond} of "
-                        f"{total} numbers; rounding allows {tolerance:.2g}). The adapter's files changed after it was "
-                        "saved: a corrupted adapter_model.safetensors, or an edited adapter_config.json field that "
-                        "keeps the shapes (prob_*, mapping_activation, ansatz, backend, ...; now "
-                        f"backend={getattr(config, 'backend', None)!r}, ansatz={getattr(config, 'ansatz', None)!r}). "
-                        "Inference uses the saved snapshot; training would continue from the generator, whose output "
-                        "differs. Re-save the adapter from the model that trained it, or restore the original config.",
-                        UserWarning,
-                        stacklevel=2,
-                    )
-            generator.mark_snapshot_fresh()
+                cache.warn_if_loaded_disagrees("snapshot", (
+                    "a corrupted adapter_model.safetensors, or an edited adapter_config.json field that keeps the "
+                    "shapes (prob_*, mapping_activation, ansatz, backend, ...; now "
+                    f"backend={getattr(config, 'backend', None)!r}, ansatz={getattr(config, 'ansatz', None)!r})"
+                ))
+            cache.mark_fresh()
+
+    def _generator_loaded(self, adapter_name: str, missing: list[str]) -> bool:
+        """Whether every parameter of the adapter's generator was in the loaded state dict."""
+        marker = f"{self.generator_attr}.{adapter_name}."
+        names = {name for name, _ in self.get_generator(adapter_name).named_parameters()}
+        return not any(marker in k and k.split(marker, 1)[1] in names for k in missing)
+
+    def _regenerate_after_load(self, adapter_name: str) -> None:
+        """An adapter saved without its generated tensors (``save_generated_tensors=False``): the offset is the one its
+        config and seed give (computed here if the generator was built on the meta device), and the snapshots are
+        generated from the loaded generator."""
+        generator = self.get_generator(adapter_name)
+        if any(p.is_meta for p in generator.parameters()):
+            return
+        if generator.offset_pending or generator.offset.is_meta:
+            config = self.peft_config[adapter_name]
+            fresh = QPAGenerator.from_config(config, generator.specs, init_weights=getattr(config, "init_weights", True))
+            device = next(generator.parameters()).device
+            generator.offset = fresh.offset.to(device=device, dtype=generator.offset.dtype)
+            generator.offset_pending = False
+        self._caches()[adapter_name].refresh(force=True)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection of the adapter's entries; with ``save_generated_tensors=False`` without the generated
+        tensors' snapshots and the generator's offset, which loading regenerates from the generator and the seed."""
+        to_return = super()._get_adapter_state_dict(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+        tuner = getattr(model, "base_model", model)
+        if getattr(config, "save_generated_tensors", True) or not isinstance(tuner, QPABaseModel):
+            return to_return
+        dropped = {f".{key}" for key in tuner._snapshot_keys(adapter_name)}
+        dropped.add(f".{tuner.generator_attr}.{adapter_name}.offset")
+        return {k: v for k, v in to_return.items() if not any(f".{k}".endswith(end) for end in dropped)}
 
     # --- once per forward -------------------------------------------------------------------------------
     def _begin_forward(self, module, args):
@@ -300,11 +420,11 @@ class QPABaseModel(BaseTuner):
             # A merged adapter is already in the base weights: its layers read nothing, and drawing new shots or
             # advancing the step here would make unmerge subtract something else.
             if adapter_name not in merged:
-                generators[adapter_name].begin_forward(training=training, reentrant_checkpointing=reentrant)
+                self._caches()[adapter_name].begin_forward(training=training, reentrant_checkpointing=reentrant)
 
     def _end_forward(self, module, args, output):
-        for generator in self._generators().values():
-            generator.end_forward()
+        for cache in self._caches().values():
+            cache.end_forward()
 
     def _forward_state(self) -> tuple[bool, set, bool]:
         """One pass over the model: whether the QPA layers are disabled, the adapters merged into any layer, and
@@ -326,8 +446,8 @@ class QPABaseModel(BaseTuner):
         return bool(disabled), merged, bool(reentrant)
 
     def _refresh_before_state_dict(self, module, prefix, keep_vars):
-        for generator in self._generators().values():
-            generator.refresh_snapshot(force=True)
+        for cache in self._caches().values():
+            cache.refresh(force=True)
 
     # --- shared-state overrides (the generic code only sees per-layer weights) ---------------------------
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
@@ -351,8 +471,9 @@ class QPABaseModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         generators = self._generators()
-        if adapter_name in generators:
-            generators[adapter_name].drop_live()
+        cache = self._caches().pop(adapter_name, None)
+        if cache is not None:
+            cache.drop_live()
         super().delete_adapter(adapter_name)
         if adapter_name in generators:
             del generators[adapter_name]

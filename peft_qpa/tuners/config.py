@@ -32,9 +32,24 @@ class SavedAdapterMixin:
         default=LOADING_NOTE,
         metadata={"help": "How to load this adapter (written for readers of adapter_config.json; not a setting)."},
     )
+    save_generated_tensors: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "True: the saved adapter holds the generated tensors (their snapshot) and the generator's offset "
+                "besides the generator, and reloads bit for bit. False: it holds the generator alone (as VeRA's "
+                "save_projection=False omits what the seed regenerates), a file far smaller than the tensors; loading "
+                "regenerates them (outputs equal to float rounding, no load cross-check)."
+            )
+        },
+    )
 
     def __post_init__(self):
         self.loading = LOADING_NOTE
+        if not isinstance(self.save_generated_tensors, bool):
+            raise ValueError(
+                f"{type(self).__name__}.save_generated_tensors must be True or False, got {self.save_generated_tensors!r}."
+            )
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()

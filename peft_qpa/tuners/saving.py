@@ -2,8 +2,8 @@
 
 ``PeftModel.save_pretrained`` writes the weights, then the config, then the model card, straight into the target
 directory: a save interrupted in between leaves new weights beside the old config. For models with a QPA adapter,
-``import peft_qpa`` wraps it: the adapter is written into a temporary directory beside the target and published
-when complete.
+the adapter is written into a temporary directory beside the target and published when complete
+(:func:`save_staged`; ``import peft_qpa`` installs it on ``PeftModel.save_pretrained``, see ``peft_qpa.patches``).
 
 A save owns only the files of the adapters it writes (``adapter_model.*``, ``adapter_config.json`` and
 ``README.md`` in the folder of each adapter it saves: the target for ``default``, ``<target>/<name>`` for the
@@ -150,27 +150,16 @@ def _has_qpa_adapter(peft_model) -> bool:
     )
 
 
-def install_staged_save() -> None:
-    """Wrap ``PeftModel.save_pretrained`` (once) so that models with a QPA adapter save through a staged directory.
+def save_staged(save, peft_model, save_directory, *args, **kwargs):
+    """``save(peft_model, save_directory, ...)`` (PEFT's ``save_pretrained``) through a staged directory when the
+    model has a QPA adapter: what ``PeftModel.save_pretrained`` does once ``peft_qpa.patches`` has wrapped it.
 
     Models without a QPA adapter, non-main processes and targets that are files go straight to PEFT's method."""
-    from peft import PeftModel
-
-    original = PeftModel.save_pretrained
-    if getattr(original, "__peft_qpa_staged__", False):
-        return
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        if (
-            not _has_qpa_adapter(self)
-            or not kwargs.get("is_main_process", True)
-            or os.path.isfile(os.fspath(save_directory))
-        ):
-            return original(self, save_directory, *args, **kwargs)
-        with staged_directory(save_directory) as staging:
-            return original(self, staging, *args, **kwargs)
-
-    save_pretrained.__doc__ = original.__doc__
-    save_pretrained.__wrapped__ = original
-    save_pretrained.__peft_qpa_staged__ = True
-    PeftModel.save_pretrained = save_pretrained
+    if (
+        not _has_qpa_adapter(peft_model)
+        or not kwargs.get("is_main_process", True)
+        or os.path.isfile(os.fspath(save_directory))
+    ):
+        return save(peft_model, save_directory, *args, **kwargs)
+    with staged_directory(save_directory) as staging:
+        return save(peft_model, staging, *args, **kwargs)

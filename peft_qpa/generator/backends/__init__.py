@@ -10,16 +10,12 @@ Qiskit definition of the circuit it is given.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from qiskit import QuantumCircuit
 
 from ..circuit import n_qubits_for
+from ..config import GeneratorConfig
 from ..memory import check_memory
-
-if TYPE_CHECKING:
-    from ..config import GeneratorConfig
 
 
 class ExactBackend(torch.nn.Module):
@@ -35,7 +31,7 @@ class ExactBackend(torch.nn.Module):
         return self.simulator(angles), None
 
 
-def check_generator_memory(config: "GeneratorConfig", num_generated: int) -> None:
+def check_generator_memory(config: GeneratorConfig, num_generated: int) -> None:
     """Refuse, before anything is allocated, a generator for ``num_generated`` (M) numbers whose mapping MLP,
     generated numbers, GI network and Aer shot job would not fit the memory budget (``ValueError`` naming the
     field to lower; see ``docs/config.md``, "Memory caps").
@@ -53,7 +49,7 @@ def check_generator_memory(config: "GeneratorConfig", num_generated: int) -> Non
     check_memory(config, num_generated=num_generated, shots=shots)
 
 
-def make_backend(config: "GeneratorConfig", circuit: QuantumCircuit, dtype: torch.dtype = torch.float32):
+def make_backend(config: GeneratorConfig, circuit: QuantumCircuit, dtype: torch.dtype = torch.float32):
     """``(backend, interpolation or None)`` for ``config.backend`` running ``circuit``."""
     if config.backend == "statevector":
         return ExactBackend(circuit), None

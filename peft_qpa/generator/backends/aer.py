@@ -1,6 +1,6 @@
 """Qiskit Aer backends for the QPA circuit, as differentiable torch modules.
 
-:class:`AerProbabilities` runs the circuit built by :func:`peft_qpa.circuit.build_ansatz` (never a
+:class:`AerProbabilities` runs the circuit built by :func:`peft_qpa.generator.circuit.build_ansatz` (never a
 re-description of it) on ``qiskit_aer.AerSimulator`` and returns the probabilities of all 2^N basis
 states (Qiskit little-endian order: bit q of the index is qubit q) through a custom
 ``torch.autograd.Function``:
@@ -29,10 +29,7 @@ not. Readout error is included (via ``measure`` for shots, via confusion matrice
 from __future__ import annotations
 
 import functools
-import json
 import math
-import re
-import warnings
 from typing import Any
 
 import numpy as np
@@ -45,6 +42,13 @@ from transformers.utils import logging
 from ..circuit import circuit_parameters
 from ..config import BACKENDS, SEED_MAX, SHOT_GRADIENTS
 from ..memory import AER_BYTES_PER_SHOT, _format_bytes, memory_budget
+from ..noise import (  # noqa: F401  (the names, re-exported here beside the devices they name)
+    available_fake_backends,
+    noise_model_from_dict,
+    noise_model_from_json,
+    noise_model_to_json,
+    resolve_fake_backend_name,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -53,51 +57,10 @@ AER_BACKENDS = tuple(b for b in BACKENDS if b.startswith("aer_"))
 # Exact noisy probabilities use a density matrix: 16 * 4^N bytes per circuit (N = 12: 268 MB).
 MAX_DENSITY_MATRIX_QUBITS = 12
 
-# Key under which a NoiseModel's dict form is stored in JSON (see noise_model_to_json).
-_NOISE_MODEL_JSON_KEY = "qiskit_aer_noise_model"
-
 
 # --------------------------------------------------------------------------------------------------
 # Fake devices and noise models
 # --------------------------------------------------------------------------------------------------
-
-
-def _snake_name(class_name: str) -> str:
-    """``FakeKyiv`` -> ``fake_kyiv``; ``FakeAthensV2`` -> ``fake_athens``; ``FakeFractionalBackend`` ->
-    ``fake_fractional`` (the same names as the backends' own ``.name``)."""
-    stem = re.sub(r"(V2|Backend)$", "", class_name[len("Fake"):])
-    return "fake_" + re.sub(r"(?<!^)(?=[A-Z])", "_", stem).lower()
-
-
-@functools.lru_cache(maxsize=None)
-def available_fake_backends() -> dict[str, str]:
-    """Offline fake IBM devices: snake-case name (``"fake_kyiv"``) -> class name in
-    ``qiskit_ibm_runtime.fake_provider``. Only names are read here; nothing is instantiated."""
-    from qiskit_ibm_runtime import fake_provider
-
-    names = {}
-    for attr in dir(fake_provider):
-        if not attr.startswith("Fake") or attr.startswith("FakeProvider"):
-            continue
-        obj = getattr(fake_provider, attr)
-        if isinstance(obj, type):
-            names[_snake_name(attr)] = attr
-    return dict(sorted(names.items()))
-
-
-def resolve_fake_backend_name(name: str) -> str:
-    """The canonical name (``"fake_kyiv"``) of a ``noise_model`` device name, case and surrounding spaces
-    ignored. Only names are read (no device or noise model is built); an unknown name raises a
-    ``ValueError`` listing the valid ones."""
-    available = available_fake_backends()
-    key = name.strip().lower() if isinstance(name, str) else None
-    if key not in available:
-        raise ValueError(
-            f"QPAConfig.noise_model: unknown device {name!r}. Use one of the offline fake IBM devices "
-            f"(peft_qpa.aer.available_fake_backends() lists them): {', '.join(available)}; or pass a "
-            "qiskit_aer.noise.NoiseModel, or None for no noise."
-        )
-    return key
 
 
 @functools.lru_cache(maxsize=8)
@@ -152,18 +115,8 @@ def _restricted_user_noise_model(model: NoiseModel, physical_qubits: set[int]) -
                 continue
             error = dict(error, gate_qubits=kept)
         errors.append(error)
-    restricted = _noise_model_from_dict(dict(data, errors=errors))
+    restricted = noise_model_from_dict(dict(data, errors=errors))
     return model if restricted is None else restricted
-
-
-def _noise_model_from_dict(data: dict) -> NoiseModel | None:
-    """``NoiseModel.from_dict`` (deprecated in Aer 0.15 but still the only public inverse of
-    ``to_dict``); None if a future Aer has removed it."""
-    if not hasattr(NoiseModel, "from_dict"):
-        return None
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="from_dict has been deprecated", category=DeprecationWarning)
-        return NoiseModel.from_dict(data)
 
 
 def _readout_matrices(model: NoiseModel, physical_qubits: list[int]) -> list[np.ndarray | None]:
@@ -204,39 +157,6 @@ def apply_readout_error(probs: np.ndarray, matrices: list[np.ndarray | None]) ->
         axis = len(lead) + n - 1 - q
         out = np.moveaxis(np.tensordot(out, matrix, axes=([axis], [0])), -1, axis)
     return out.reshape(probs.shape)
-
-
-def noise_model_to_json(value: str | NoiseModel | None) -> str | dict | None:
-    """JSON-safe form of a ``noise_model`` config value: a device name stays a string, a NoiseModel
-    becomes ``{"qiskit_aer_noise_model": NoiseModel.to_dict(serializable=True)}`` (never a pickle)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, NoiseModel):
-        data = value.to_dict(serializable=True)
-        json.dumps(data)  # fail here, not at save time, if something is not serialisable
-        return {_NOISE_MODEL_JSON_KEY: data}
-    raise ValueError(
-        f"noise_model must be a fake device name (str), a qiskit_aer.noise.NoiseModel or None, "
-        f"got {type(value).__name__}."
-    )
-
-
-def noise_model_from_json(value: str | dict | None) -> str | NoiseModel | None:
-    """Inverse of :func:`noise_model_to_json`."""
-    if value is None or isinstance(value, (str, NoiseModel)):
-        return value
-    if isinstance(value, dict) and _NOISE_MODEL_JSON_KEY in value:
-        model = _noise_model_from_dict(value[_NOISE_MODEL_JSON_KEY])
-        if model is None:
-            raise ValueError(
-                "This qiskit-aer has no NoiseModel.from_dict, so a NoiseModel stored inline in JSON cannot "
-                "be rebuilt; store a fake device name (e.g. 'fake_kyiv') as noise_model instead."
-            )
-        return model
-    raise ValueError(
-        f"Cannot read a noise_model from {value!r}: expected a device name, None, or a dict with key "
-        f"{_NOISE_MODEL_JSON_KEY!r} written by noise_model_to_json."
-    )
 
 
 def resolve_shots(shots: int | None, shots_per_state: float | None, n_qubits: int) -> int:
@@ -406,7 +326,7 @@ class AerProbabilities(torch.nn.Module):
             if device is not None and device.num_qubits < self.n_qubits:
                 raise ValueError(
                     f"noise_model={noise_model!r} is a {device.num_qubits}-qubit device, but this generator's circuit "
-                    f"has N={self.n_qubits} qubits. Choose a larger device (peft_qpa.aer.available_fake_backends() "
+                    f"has N={self.n_qubits} qubits. Choose a larger device (peft_qpa.available_fake_backends() "
                     "lists them; e.g. 'fake_kyiv' has 127), or raise chunk_size so that fewer qubits are needed."
                 )
             # Transpile the unmeasured circuit once, so both backends use the same layout and routing.

@@ -1,8 +1,8 @@
 """The optional fused CPU kernel for RY layers (``csrc/ry_layers.cpp``), compiled on first use.
 
 Applying a layer of RY rotations as Kronecker-block matmuls (the portable torch path in
-:mod:`peft_qpa.simulator`) costs 2^(k+1) flops per amplitude per block of k qubits and one pass over the
-state per block. The C++ kernel applies a whole layer (and the CNOT-chain gather before it) in SIMD
+:mod:`peft_qpa.generator.backends.statevector`) costs 2^(k+1) flops per amplitude per block of k qubits and
+one pass over the state per block. The C++ kernel applies a whole layer (and the CNOT-chain gather before it) in SIMD
 registers with one FMA per amplitude per qubit and three qubits per load and store: the low qubits in
 L1-sized tiles and L2-sized blocks, then one pass over the state per three qubits above. Its adjoint
 backward undoes a layer the same way (un-permuting by a gather, not a scatter) with the angle gradients
@@ -26,7 +26,7 @@ as there are idle CPUs, i.e. CPUs that no other process's runnable thread wants 
 quarter second before the call), at most torch's ``torch.get_num_threads()``, and one where fewer than
 two are idle. ``PEFT_QPA_KERNEL_THREADS=<n>`` fixes the count instead (at most torch's). With one
 thread the simulator's state-sized elementwise ops on this path run in one thread too (see
-:mod:`peft_qpa.simulator`).
+:mod:`peft_qpa.generator.backends.statevector`).
 """
 
 from __future__ import annotations

@@ -154,7 +154,8 @@ def _module_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 class BottleneckForwardMixin:
-    """The forward shared by the QPA layer and the classical layer, around the base layer. A layer provides
+    """The forward shared by the QPA layer and the classical layer, around the base layer (a layer lists this mixin
+    before its tuner layer class and ``nn.Module``, so that this forward is the one that runs). A layer provides
     ``bottleneck_settings`` (adapter -> :class:`BottleneckSettings`), :meth:`_bottleneck_tensors` and
     :meth:`_bottleneck_dropout`.
 
@@ -179,7 +180,7 @@ class BottleneckForwardMixin:
     def _has_bottleneck(self, adapter_name: str) -> bool:
         return adapter_name in self.bottleneck_settings
 
-    def bottleneck_forward(self, *args: Any, **kwargs: Any):
+    def forward(self, *args: Any, **kwargs: Any):
         output = self.base_layer(*args, **kwargs)
         if self.disable_adapters:
             return output

@@ -8,29 +8,29 @@ import math
 from typing import Optional
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..base import GeneratedTensor, QPABaseLayer
+from ..base import QPABaseLayer, TensorNames
 from .adapter import TENSOR_NAMES, BottleneckForwardMixin, BottleneckSettings
 
 # How the generator initialises each tensor with init_weights=True (see QPAGenerator: T_init + f(θ) - f(θ_0)).
 # "kaiming_uniform" has bound 1/sqrt(last dim) = 1/sqrt(d) for the down weight (b x d): nn.Linear's default.
 GENERATED_INIT = {"down_weight": "kaiming_uniform", "down_bias": "zeros", "up_weight": "zeros", "up_bias": "zeros"}
-SNAPSHOTS = {name: f"qpa_bottleneck_{name}" for name in TENSOR_NAMES}
 
 
 def _dropout(p: float) -> nn.Module:
     return nn.Dropout(p=p) if p > 0 else nn.Identity()
 
 
-class QPABottleneckLayer(nn.Module, BottleneckForwardMixin, QPABaseLayer):
+class QPABottleneckLayer(BottleneckForwardMixin, QPABaseLayer, nn.Module):
     """A target followed by QPA bottleneck adapters: ``down_weight``, ``down_bias``, ``up_weight``, ``up_bias`` are
     declared to the adapter's generator; their snapshots (``qpa_bottleneck_<name>``) are saved with the adapter and
     serve every forward that needs no gradient."""
 
-    other_param_names = QPABaseLayer.GENERIC_STATE + tuple(SNAPSHOTS.values()) + (
+    # The generated tensors (their names are also the keys of bottleneck_tensors()) and their snapshot buffers.
+    SNAPSHOTS = {name: TensorNames(name, f"qpa_bottleneck_{name}") for name in TENSOR_NAMES}
+    other_param_names = QPABaseLayer.GENERIC_STATE + tuple(names.buffer for names in SNAPSHOTS.values()) + (
         "qpa_bottleneck_dropout",
         "bottleneck_settings",
     )
@@ -39,8 +39,6 @@ class QPABottleneckLayer(nn.Module, BottleneckForwardMixin, QPABaseLayer):
                  inference_mode: bool = False, **kwargs) -> None:
         nn.Module.__init__(self)
         QPABaseLayer.__init__(self, base_layer, **kwargs)
-        for snapshot in SNAPSHOTS.values():
-            setattr(self, snapshot, BufferDict({}, persistent=True))
         self.qpa_bottleneck_dropout = nn.ModuleDict({})
         self.bottleneck_settings: dict[str, BottleneckSettings] = {}
         self._active_adapter = adapter_name
@@ -51,12 +49,9 @@ class QPABottleneckLayer(nn.Module, BottleneckForwardMixin, QPABaseLayer):
                      inference_mode: bool = False) -> None:
         self.bottleneck_settings[adapter_name] = settings
         self.qpa_bottleneck_dropout[adapter_name] = _dropout(dropout)
-        self.add_generated(
-            adapter_name,
-            [GeneratedTensor(name, shape, GENERATED_INIT[name], SNAPSHOTS[name]) for name, shape in settings.shapes().items()],
-        )
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        shapes = settings.shapes()
+        tensors = [self.SNAPSHOTS[name].declare(shape, GENERATED_INIT[name]) for name, shape in shapes.items()]
+        self._finish_update(adapter_name, tensors, inference_mode=inference_mode)
 
     def _has_bottleneck(self, adapter_name: str) -> bool:
         return self.has_qpa_adapter(adapter_name)
@@ -67,13 +62,11 @@ class QPABottleneckLayer(nn.Module, BottleneckForwardMixin, QPABaseLayer):
     def _bottleneck_dropout(self, adapter_name: str) -> Optional[nn.Module]:
         return self.qpa_bottleneck_dropout[adapter_name]
 
-    forward = BottleneckForwardMixin.bottleneck_forward
-
     def __repr__(self) -> str:
         return "qpa_bottleneck." + super().__repr__()
 
 
-class BottleneckLayer(nn.Module, BottleneckForwardMixin, BaseTunerLayer):
+class BottleneckLayer(BottleneckForwardMixin, BaseTunerLayer, nn.Module):
     """A target followed by classical bottleneck adapters: ``bottleneck_down[adapter]`` (``nn.Linear(d, b)``) and
     ``bottleneck_up[adapter]`` (``nn.Linear(b, d)``), trained directly."""
 
@@ -120,8 +113,6 @@ class BottleneckLayer(nn.Module, BottleneckForwardMixin, BaseTunerLayer):
 
     def _bottleneck_dropout(self, adapter_name: str) -> Optional[nn.Module]:
         return self.bottleneck_dropout[adapter_name]
-
-    forward = BottleneckForwardMixin.bottleneck_forward
 
     def __repr__(self) -> str:
         return "bottleneck." + super().__repr__()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 
-from ..base import QPABaseModel
+from ..base import QPABaseModel, ReplacesTargets
 from .adapter import MERGE_ERROR, resolve_settings
 from .config import BottleneckConfig, QPABottleneckConfig
 from .layer import BottleneckLayer, QPABottleneckLayer
@@ -81,19 +81,9 @@ class QPABottleneckModel(_BlockTargets, QPABaseModel):
     def _prepare_adapter_config(self, peft_config, model_config):
         return _prepare_targets(peft_config, model_config)
 
-    def _create_and_replace(self, config: QPABottleneckConfig, adapter_name, target, target_name, parent, current_key,
-                            **kwargs):
-        if current_key is None:
-            raise ValueError("Current Key shouldn't be `None`")
-        settings = resolve_settings(config, target, current_key)
-        if isinstance(target, QPABottleneckLayer):
-            target.update_layer(adapter_name, settings, dropout=config.dropout, inference_mode=config.inference_mode)
-            return
-        new_module = QPABottleneckLayer(target, adapter_name, settings, dropout=config.dropout,
-                                        inference_mode=config.inference_mode)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def _layer_kwargs(self, config: QPABottleneckConfig, target, current_key) -> dict:
+        return {"settings": resolve_settings(config, target, current_key), "dropout": config.dropout,
+                "inference_mode": config.inference_mode}
 
     def _check_merge_allowed(self):
         raise NotImplementedError(MERGE_ERROR)
@@ -124,7 +114,7 @@ class QPABottleneckModel(_BlockTargets, QPABaseModel):
         return header + "\n" + super().generator_summary(adapter_name)
 
 
-class BottleneckModel(_BlockTargets, BaseTuner):
+class BottleneckModel(_BlockTargets, ReplacesTargets, BaseTuner):
     """The classical bottleneck (feed-forward) adapter, the baseline of :class:`QPABottleneckModel`: the same
     placement, activation, initialisation and forward, with the down/up weights and biases trained directly.
 
@@ -143,20 +133,9 @@ class BottleneckModel(_BlockTargets, BaseTuner):
     def _prepare_adapter_config(self, peft_config, model_config):
         return _prepare_targets(peft_config, model_config)
 
-    def _create_and_replace(self, config: BottleneckConfig, adapter_name, target, target_name, parent, current_key,
-                            **kwargs):
-        if current_key is None:
-            raise ValueError("Current Key shouldn't be `None`")
-        settings = resolve_settings(config, target, current_key)
-        layer_kwargs = {"dropout": config.dropout, "init_weights": config.init_weights,
-                        "inference_mode": config.inference_mode}
-        if isinstance(target, BottleneckLayer):
-            target.update_layer(adapter_name, settings, **layer_kwargs)
-            return
-        new_module = BottleneckLayer(target, adapter_name, settings, **layer_kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def _layer_kwargs(self, config: BottleneckConfig, target, current_key) -> dict:
+        return {"settings": resolve_settings(config, target, current_key), "dropout": config.dropout,
+                "init_weights": config.init_weights, "inference_mode": config.inference_mode}
 
     def _check_merge_allowed(self):
         raise NotImplementedError(MERGE_ERROR)

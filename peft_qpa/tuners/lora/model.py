@@ -50,37 +50,26 @@ class QPAModel(QPABaseModel):
         kind = "DoRA" if getattr(config, "use_dora", False) else "LoRA"
         return f"a {kind} adapter (r = {config.r}, targets: {targets})"
 
-    def _create_and_replace(self, qpa_config: QPAConfig, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if current_key is None:
-            raise ValueError("Current Key shouldn't be `None`")
-        layer_kwargs = {
+    def _layer_kwargs(self, qpa_config: QPAConfig, target, current_key) -> dict:
+        return {
             "r": qpa_config.r,
             "lora_alpha": qpa_config.lora_alpha,
             "lora_dropout": qpa_config.lora_dropout,
-            "fan_in_fan_out": qpa_config.fan_in_fan_out,
             "use_dora": qpa_config.use_dora,
+            "inference_mode": qpa_config.inference_mode,
         }
-        layer_kwargs.update(get_quantization_kwargs(self))
-        if isinstance(target, QPALayer):
-            target.update_layer(
-                adapter_name, qpa_config.r, qpa_config.lora_alpha, qpa_config.lora_dropout,
-                use_dora=qpa_config.use_dora, inference_mode=qpa_config.inference_mode,
-            )
-        else:
-            new_module = self._create_new_module(qpa_config, adapter_name, target, **layer_kwargs)
-            if adapter_name not in self.active_adapters:
-                new_module.requires_grad_(False)
-            self._replace_module(parent, target_name, new_module, target)
 
-    @staticmethod
-    def _create_new_module(qpa_config: QPAConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
+    def _create_new_module(self, qpa_config: QPAConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
+        """The layer for the target's type; the layout and quantization settings concern a new layer only."""
+        kwargs["fan_in_fan_out"] = qpa_config.fan_in_fan_out
+        kwargs.update(get_quantization_kwargs(self))
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         quantized = resolve_quantization_backend(base, get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass"))
         # The same dispatch as PEFT's LoRA (peft.tuners.lora.layer.dispatch_default) for the layer types QPA supports.
         if isinstance(base, nn.Embedding):
-            return Embedding(target, adapter_name, inference_mode=qpa_config.inference_mode, **kwargs)
+            return Embedding(target, adapter_name, **kwargs)
         if isinstance(base, nn.Conv2d):
-            return Conv2d(target, adapter_name, inference_mode=qpa_config.inference_mode, **kwargs)
+            return Conv2d(target, adapter_name, **kwargs)
         if isinstance(base, nn.Linear) or (quantized is not None and quantized.layer_type == "linear"):
             if kwargs["fan_in_fan_out"]:
                 warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting it to False.")
@@ -96,7 +85,7 @@ class QPAModel(QPABaseModel):
                 "`torch.nn.Linear` (optionally quantized), `transformers.pytorch_utils.Conv1D`, `torch.nn.Conv2d` and "
                 "`torch.nn.Embedding`. Change `target_modules` so that it only matches such layers."
             )
-        return Linear(target, adapter_name, inference_mode=qpa_config.inference_mode, **kwargs)
+        return Linear(target, adapter_name, **kwargs)
 
     def lora_parameter_count(self, adapter_name: str = "default") -> int:
         """Trainable parameters plain LoRA would have with the same r and targets (M)."""

@@ -1,41 +1,45 @@
-"""QPA prefix tuning: a prompt encoder that holds the quantum generator, and the three small PEFT hooks it needs.
+"""QPA prefix tuning: a prompt encoder that holds the quantum generator, and what PEFT's prompt-learning code
+needs of it.
 
 PEFT builds, saves and runs prefix tuning in ``PeftModel`` itself (prompt learning is not a ``BaseTuner``), and
 dispatches on ``config.peft_type`` with explicit lists; a config of ours reports ``PREFIX_TUNING`` at run time
 (``QPAPrefixTuningConfig``), so PEFT's prompt-learning paths (``get_prompt``, the forward of every task class, the
-prompt-learning config preparation) run unchanged. Three points need our code, each wrapped once (idempotent) and
-only taken for adapters whose config has ``qpa_peft_type == "QPA_PREFIX_TUNING"``; plain PEFT adapters go straight to
-PEFT's code:
+prompt-learning config preparation) run unchanged. Four points need our code; ``peft_qpa.patches`` wraps them (the
+list of every change to PEFT), sending only adapters whose config has ``qpa_peft_type == "QPA_PREFIX_TUNING"`` here
+and plain PEFT adapters straight to PEFT's code:
 
-* ``PeftModel._setup_prompt_encoder``: after PEFT's setup (freezing, word embeddings, prompt tokens), the
-  ``PrefixEncoder`` it built is replaced by :class:`QPAPrefixEncoder` (both are built under a forked RNG: the
-  caller's RNG is not advanced, and the adapter depends on its ``seed`` alone). Gradient checkpointing is refused with a clear message, here and
-  again at each training forward (e.g. when a Trainer turns it on later).
+* ``PeftModel._setup_prompt_encoder`` (:func:`setup_qpa_prefix_encoder`): after PEFT's setup (freezing, word
+  embeddings, prompt tokens), the ``PrefixEncoder`` it built is replaced by :class:`QPAPrefixEncoder` (both are
+  built under a forked RNG: the caller's RNG is not advanced, and the adapter depends on its ``seed`` alone).
+  Gradient checkpointing is refused with a clear message, here and again at each training forward (e.g. when a
+  Trainer turns it on later).
 * ``PrefixEncoder._get_adapter_state_dict`` (what ``get_peft_model_state_dict`` saves for a ``PREFIX_TUNING`` config):
   ours saves the generated prefixes (``prompt_embeddings``, PEFT's key: the snapshot) and the generator
-  (``qpa_prefix_generator.*``). Loading needs no hook: PEFT calls the encoder's own ``_load_adapter_state_dict``.
-* ``PeftModelForCausalLM.prepare_inputs_for_generation``: PEFT 0.21's version looks for transformers 4's
-  ``past_key_values``/``cache_position`` arguments; with transformers 5 (``cache``) it loses the prefix. Ours puts the
-  prefix into the (empty) cache of the first step, or into a fresh cache at every step without cache, and shifts the
-  attention mask and position ids by the P virtual tokens, so that ``generate()`` equals greedy decoding with the
-  forward.
+  (``qpa_prefix_generator.*``), :meth:`QPAPrefixEncoder.adapter_state_dict`. Loading needs no hook: PEFT calls the
+  encoder's own ``_load_adapter_state_dict``.
+* ``PeftModelForCausalLM.prepare_inputs_for_generation`` (:func:`prepare_prefixed_inputs`): PEFT 0.21's version
+  looks for transformers 4's ``past_key_values``/``cache_position`` arguments; with transformers 5 (``cache``) it
+  loses the prefix. Ours puts the prefix into the (empty) cache of the first step, or into a fresh cache at every
+  step without cache, and shifts the attention mask and position ids by the P virtual tokens, so that
+  ``generate()`` equals greedy decoding with the forward.
+* ``PeftModel.__getattr__`` (:func:`merge_refusal`): the merge methods, which prefix tuning cannot have, say what
+  to do instead of failing on the base model's missing attribute.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 from typing import Any, Optional
 
 import torch
-from peft.tuners.prefix_tuning.model import PrefixEncoder
 from peft.tuners.tuners_utils import BasePromptEncoder
 from peft.utils import _prepare_prompt_learning_config
 from torch import nn
 from transformers import DynamicCache
 
 from ...generator import QPAGenerator, TensorSpec
+from ..cache import GeneratedCache
 from ...peft_types import QPA_PREFIX_TUNING
 from ..model_card import card_facts
 
@@ -66,14 +70,15 @@ class PrefixSnapshot(nn.Module):
     ``prompt_encoder.embedding.weight`` (e.g. in inference mode): reading ``weight`` regenerates it first if the
     generator changed."""
 
-    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, generator: QPAGenerator):
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype):
         super().__init__()
         self.register_buffer("snapshot", torch.zeros(shape, dtype=dtype))
-        object.__setattr__(self, "_generator", generator)  # not a submodule: the encoder owns it
+        self._cache: Optional[GeneratedCache] = None  # set by the encoder, which owns the generator and the cache
 
     @property
     def weight(self) -> torch.Tensor:
-        self._generator.refresh_snapshot()
+        if self._cache is not None:
+            self._cache.refresh()
         return self.snapshot
 
 
@@ -109,11 +114,14 @@ class QPAPrefixEncoder(BasePromptEncoder):
         shape = (config.num_virtual_tokens, config.num_layers * 2 * config.token_dim)
         init = "zeros" if config.init_weights == "zero" else "normal"
         self.generator = QPAGenerator.from_config(config, [TensorSpec(TENSOR_NAME, shape, init)])
-        self.generator.member = "QPA prefix-tuning"
-        self.embedding = PrefixSnapshot(shape, self.generator.offset.dtype, self.generator)
-        self.generator.attach_snapshot({TENSOR_NAME: (self.embedding._buffers, "snapshot")})
+        self.embedding = PrefixSnapshot(shape, self.generator.offset.dtype)
+        # The encoder owns the generated prefixes: live while training, else the snapshot buffer PEFT saves.
+        self.cache = GeneratedCache(self.generator, {TENSOR_NAME: (self.embedding._buffers, "snapshot")},
+                                    member="QPA prefix-tuning")
+        self.embedding._cache = self.cache
         self.generator.requires_grad_(not config.inference_mode)
-        self.generator.refresh_snapshot()
+        self.config = config  # read when saving: save_generated_tensors may be changed on the model's config
+        self.cache.refresh()
         self._base_model: Optional[nn.Module] = None
 
     def attach(self, base_model: nn.Module) -> None:
@@ -126,7 +134,7 @@ class QPAPrefixEncoder(BasePromptEncoder):
     def forward(self, prefix_tokens: torch.Tensor) -> torch.Tensor:
         if self.training and self._base_model is not None and torch.is_grad_enabled() and _checkpointing_on(self._base_model):
             raise ValueError(GRADIENT_CHECKPOINTING_MESSAGE)
-        live = self.generator.live_tensors(training=self.training)
+        live = self.cache.live(training=self.training)
         table = live[TENSOR_NAME] if live is not None else self.embedding.snapshot
         return table[prefix_tokens]
 
@@ -142,13 +150,17 @@ class QPAPrefixEncoder(BasePromptEncoder):
     # --- saving and loading (PEFT's prompt-learning hooks) ------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """What is saved: the generated prefixes under PEFT's key (a fresh snapshot) and the generator."""
-        self.generator.refresh_snapshot(force=True)
+        self.cache.refresh(force=True)
         state = {PROMPT_EMBEDDINGS_KEY: self.embedding.snapshot.detach().cpu().clone()}
         for key, value in self.generator.state_dict().items():
             state[GENERATOR_KEY + key] = value.detach().cpu().clone()
+        if not self.save_generated_tensors:  # the generator alone: loading regenerates the rest
+            del state[PROMPT_EMBEDDINGS_KEY], state[GENERATOR_KEY + "offset"]
         return state
 
     def _load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if PROMPT_EMBEDDINGS_KEY not in state_dict and not self.save_generated_tensors:
+            return self._load_generator_alone(state_dict)
         if PROMPT_EMBEDDINGS_KEY not in state_dict:
             raise ValueError(f"A QPA prefix-tuning adapter's weights must contain {PROMPT_EMBEDDINGS_KEY!r}.")
         snapshot = state_dict[PROMPT_EMBEDDINGS_KEY]
@@ -172,42 +184,45 @@ class QPAPrefixEncoder(BasePromptEncoder):
                 stacklevel=2,
             )
         else:
-            worst, tolerance, beyond, total = self.generator.snapshot_disagreement()
-            if beyond:
-                warnings.warn(
-                    f"QPA prefix-tuning adapter: the loaded prefixes and the output regenerated from the loaded generator "
-                    f"disagree (max |difference| {worst:.3g} in {beyond} of {total} numbers; rounding allows "
-                    f"{tolerance:.2g}). The adapter's files changed after it was saved (a corrupted weights file, or an "
-                    "edited adapter_config.json field that keeps the shapes). Inference uses the loaded prefixes; "
-                    "training would continue from the generator, whose output differs.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-        self.generator.mark_snapshot_fresh()
+            self.cache.warn_if_loaded_disagrees("prefixes", (
+                "a corrupted weights file, or an edited adapter_config.json field that keeps the shapes"
+            ))
+        self.cache.mark_fresh()
+
+    @property
+    def save_generated_tensors(self) -> bool:
+        return getattr(self.config, "save_generated_tensors", True)
+
+    def _load_generator_alone(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """An adapter saved with ``save_generated_tensors=False``: the generator's parameters (and step) are loaded,
+        its offset is the one the config and seed give, and the prefixes are generated from them."""
+        generator_state = {k[len(GENERATOR_KEY):]: v for k, v in state_dict.items() if k.startswith(GENERATOR_KEY)}
+        if not generator_state:
+            raise ValueError(f"A QPA prefix-tuning adapter's weights must contain {PROMPT_EMBEDDINGS_KEY!r} or its "
+                             "generator (qpa_prefix_generator.*).")
+        offset = self.generator.offset.detach().clone()
+        generator_state.setdefault("offset", offset)
+        self.generator.load_state_dict(generator_state, strict=True)
+        self.cache.refresh(force=True)
 
 
-# --- the PEFT hooks ---------------------------------------------------------------------------------------
-def _setup_prompt_encoder_wrapper(original):
-    @functools.wraps(original)
-    def _setup_prompt_encoder(self, adapter_name: str):
-        config = self.peft_config[adapter_name]
-        if not is_qpa_prefix(config):
-            return original(self, adapter_name)
-        if _checkpointing_on(self.get_base_model()):
-            raise ValueError(GRADIENT_CHECKPOINTING_MESSAGE)
-        _check_prefix_shape(config, self.get_base_model(), adapter_name)
-        # Neither PEFT's PrefixEncoder (replaced below) nor building the generator (its layers are created before
-        # they are re-initialised from `seed`) advances the caller's RNG: the adapter depends on `seed` alone.
-        with torch.random.fork_rng(devices=[]):
-            original(self, adapter_name)
-            encoder = QPAPrefixEncoder(config)
-        encoder.attach(self.get_base_model())
-        encoder.generator.adapter_name = adapter_name
-        self.prompt_encoder[adapter_name] = encoder.to(self.device)
-        config._model_card_facts = card_facts(config, encoder.generator, encoder.classical_parameter_count(), encoder)
-
-    _setup_prompt_encoder.__peft_qpa__ = True
-    return _setup_prompt_encoder
+# --- what PEFT's prompt-learning code runs for a QPA prefix adapter (wired by peft_qpa.patches) --------------
+def setup_qpa_prefix_encoder(peft_model, adapter_name: str, peft_setup) -> None:
+    """``PeftModel._setup_prompt_encoder`` for a QPA prefix adapter: PEFT's own setup (``peft_setup``) for the
+    freezing, word embeddings and prompt tokens, then its ``PrefixEncoder`` replaced by :class:`QPAPrefixEncoder`."""
+    config = peft_model.peft_config[adapter_name]
+    if _checkpointing_on(peft_model.get_base_model()):
+        raise ValueError(GRADIENT_CHECKPOINTING_MESSAGE)
+    _check_prefix_shape(config, peft_model.get_base_model(), adapter_name)
+    # Neither PEFT's PrefixEncoder (replaced below) nor building the generator (its layers are created before
+    # they are re-initialised from `seed`) advances the caller's RNG: the adapter depends on `seed` alone.
+    with torch.random.fork_rng(devices=[]):
+        peft_setup(peft_model, adapter_name)
+        encoder = QPAPrefixEncoder(config)
+    encoder.attach(peft_model.get_base_model())
+    encoder.cache.adapter_name = adapter_name
+    peft_model.prompt_encoder[adapter_name] = encoder.to(peft_model.device)
+    config._model_card_facts = card_facts(config, encoder.generator, encoder.classical_parameter_count(), encoder)
 
 
 SHAPE_FIELDS = ("num_layers", "token_dim", "num_attention_heads")
@@ -239,32 +254,6 @@ def _check_prefix_shape(config, base_model: nn.Module, adapter_name: str) -> Non
         "layer of the model it was trained for (base_model_name_or_path in its adapter_config.json: "
         f"{getattr(config, 'base_model_name_or_path', None)!r}): load it onto that model."
     )
-
-
-def _get_adapter_state_dict_wrapper(original):
-    # ``original`` is PrefixEncoder's (bound) classmethod as PEFT defines it.
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        if is_qpa_prefix(config):
-            return model.prompt_encoder[adapter_name].adapter_state_dict()
-        return original(
-            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
-            unwanted_adapter_names=unwanted_adapter_names,
-        )
-
-    _get_adapter_state_dict.__peft_qpa__ = True
-    _get_adapter_state_dict.__wrapped__ = original
-    return classmethod(_get_adapter_state_dict)
-
-
-def _prepare_inputs_wrapper(original):
-    @functools.wraps(original)
-    def prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.Tensor] = None, **kwargs):
-        if not is_qpa_prefix(self.active_peft_config):
-            return original(self, *args, task_ids=task_ids, **kwargs)
-        return prepare_prefixed_inputs(self, *args, **kwargs)
-
-    prepare_inputs_for_generation.__peft_qpa__ = True
-    return prepare_inputs_for_generation
 
 
 def prepare_prefixed_inputs(peft_model, *args, **kwargs) -> dict:
@@ -316,20 +305,6 @@ def _merge_message(name: str) -> str:
     )
 
 
-def _getattr_wrapper(original):
-    @functools.wraps(original)
-    def __getattr__(self, name: str):
-        try:
-            return original(self, name)
-        except AttributeError as error:
-            if name in MERGE_METHODS and is_qpa_prefix(_active_config(self)):
-                raise AttributeError(_merge_message(name)) from error
-            raise
-
-    __getattr__.__peft_qpa__ = True
-    return __getattr__
-
-
 def _active_config(peft_model) -> Any:
     try:
         return peft_model.peft_config[peft_model.active_adapter]
@@ -337,20 +312,10 @@ def _active_config(peft_model) -> Any:
         return None
 
 
-def install_prefix_support() -> None:
-    """Wrap the PEFT points above (once; a second call changes nothing)."""
-    from peft import PeftModel, PeftModelForCausalLM
-
-    # PeftModel forwards unknown attributes to the base model: for prefix tuning that is the transformers model, so
-    # merge_and_unload() would fail with "'LlamaForCausalLM' object has no attribute ...". Ours says what to do.
-    if not getattr(PeftModel.__getattr__, "__peft_qpa__", False):
-        PeftModel.__getattr__ = _getattr_wrapper(PeftModel.__getattr__)
-    if not getattr(PeftModel._setup_prompt_encoder, "__peft_qpa__", False):
-        PeftModel._setup_prompt_encoder = _setup_prompt_encoder_wrapper(PeftModel._setup_prompt_encoder)
-    current = PrefixEncoder.__dict__.get("_get_adapter_state_dict")
-    if not getattr(getattr(current, "__func__", None), "__peft_qpa__", False):
-        PrefixEncoder._get_adapter_state_dict = _get_adapter_state_dict_wrapper(PrefixEncoder._get_adapter_state_dict)
-    if not getattr(PeftModelForCausalLM.prepare_inputs_for_generation, "__peft_qpa__", False):
-        PeftModelForCausalLM.prepare_inputs_for_generation = _prepare_inputs_wrapper(
-            PeftModelForCausalLM.prepare_inputs_for_generation
-        )
+def merge_refusal(peft_model, name: str) -> Optional[str]:
+    """The message for ``name`` missing on ``peft_model`` when it is a merge method asked of a QPA prefix model;
+    None otherwise. PeftModel forwards unknown attributes to the base model, which for prefix tuning is the
+    transformers model: merge_and_unload() would fail with "'LlamaForCausalLM' object has no attribute ..."."""
+    if name in MERGE_METHODS and is_qpa_prefix(_active_config(peft_model)):
+        return _merge_message(name)
+    return None

@@ -18,11 +18,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import _get_in_out_features, check_adapters_to_merge
 from torch import nn
 
-from ..base import GeneratedTensor, QPABaseLayer
+from ..base import QPABaseLayer, TensorNames
 
 SUPPORTED = "`torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`, `torch.nn.Conv2d` and `torch.nn.Embedding`"
 
@@ -30,25 +29,27 @@ SUPPORTED = "`torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`, `torch.nn.C
 class QTLayer(QPABaseLayer):
     """Base of the QT layers: declares ΔW (and Δb), merges and unmerges exactly."""
 
-    other_param_names = QPABaseLayer.GENERIC_STATE + ("qt_delta_weight", "qt_delta_bias", "bias_update")
+    SNAPSHOTS = {
+        "delta_weight": TensorNames("delta_weight", "qt_delta_weight"),
+        "delta_bias": TensorNames("delta_bias", "qt_delta_bias"),
+    }
+    other_param_names = QPABaseLayer.GENERIC_STATE + tuple(names.buffer for names in SNAPSHOTS.values()) + (
+        "bias_update",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         QPABaseLayer.__init__(self, base_layer, **kwargs)
-        self.qt_delta_weight = BufferDict({}, persistent=True)
-        self.qt_delta_bias = BufferDict({}, persistent=True)
         self.bias_update: dict[str, bool] = {}
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
 
     def update_layer(self, adapter_name: str, bias_update: bool = False, inference_mode: bool = False) -> None:
         base = self.get_base_layer()
-        tensors = [GeneratedTensor("delta_weight", tuple(base.weight.shape), "zeros", "qt_delta_weight")]
+        tensors = [self.SNAPSHOTS["delta_weight"].declare(base.weight.shape, "zeros")]
         with_bias = bool(bias_update) and getattr(base, "bias", None) is not None
         self.bias_update[adapter_name] = with_bias
         if with_bias:
-            tensors.append(GeneratedTensor("delta_bias", tuple(base.bias.shape), "zeros", "qt_delta_bias"))
-        self.add_generated(adapter_name, tensors)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+            tensors.append(self.SNAPSHOTS["delta_bias"].declare(base.bias.shape, "zeros"))
+        self._finish_update(adapter_name, tensors, inference_mode=inference_mode)
 
     # --- the update ------------------------------------------------------------------------------------
     def _delta_forward(self, x: torch.Tensor, delta_weight: torch.Tensor, delta_bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -122,18 +123,14 @@ class QTLayer(QPABaseLayer):
         return "qt." + super().__repr__()
 
 
-class _Module(nn.Module, QTLayer):
+class _Module(QTLayer, nn.Module):
     def __init__(self, base_layer: nn.Module, adapter_name: str, bias_update: bool = False,
                  inference_mode: bool = False, **kwargs) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         QTLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self._check_base(self.get_base_layer())
         self.update_layer(adapter_name, bias_update=bias_update, inference_mode=inference_mode)
-
-    # nn.Module comes first in the bases (as in PEFT's layers): take QTLayer's forward and repr explicitly.
-    forward = QTLayer.forward
-    __repr__ = QTLayer.__repr__
 
     def _check_base(self, base: nn.Module) -> None:
         pass

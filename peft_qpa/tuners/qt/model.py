@@ -54,21 +54,11 @@ class QTModel(QPABaseModel):
             )
         return peft_config
 
-    def _create_and_replace(self, qt_config: QTConfig, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if current_key is None:
-            raise ValueError("Current Key shouldn't be `None`")
-        if isinstance(target, QTLayer):
-            target.update_layer(adapter_name, bias_update=qt_config.bias_update, inference_mode=qt_config.inference_mode)
-            return
-        new_module = self._create_new_module(qt_config, adapter_name, target)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def _layer_kwargs(self, qt_config: QTConfig, target, current_key) -> dict:
+        return {"bias_update": qt_config.bias_update, "inference_mode": qt_config.inference_mode}
 
-    @staticmethod
-    def _create_new_module(qt_config: QTConfig, adapter_name: str, target: nn.Module) -> nn.Module:
+    def _create_new_module(self, qt_config: QTConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        kwargs = {"bias_update": qt_config.bias_update, "inference_mode": qt_config.inference_mode}
         if isinstance(base, nn.Linear):
             return Linear(target, adapter_name, **kwargs)
         if isinstance(base, TransformersConv1D):

@@ -1,0 +1,131 @@
+"""Memory of large generators (Quantum-Train generates every weight of a network: M up to 10^7 and more).
+
+From :data:`BLOCKWISE_MIN_GENERATED` numbers on, the mapping runs over blocks of basis states, in the forward (no
+gradient kept) and again in the backward (recomputed block by block, see :class:`BlockwiseGenerate`), and the
+centring and offset are applied in place: one generation (forward + backward) then allocates the M generated
+numbers, their gradient (M, computed by the layers that use them) and one block's activations, at most
+max(BLOCK_ELEMENTS_MIN, M / BLOCK_FRACTION) numbers. Smaller generators keep the whole-mapping path (its activations
+are recomputed by torch's checkpoint), unchanged from earlier versions.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+
+BLOCKWISE_MIN_GENERATED = 1 << 16
+BLOCK_ELEMENTS_MIN = 1 << 17
+BLOCK_FRACTION = 16
+
+
+def block_rows(generator: "QPAGenerator") -> int:
+    """Basis states (mapping rows) per block: a block's activations (every layer's input and output) hold at most
+    max(BLOCK_ELEMENTS_MIN, M / BLOCK_FRACTION) numbers."""
+    budget = max(BLOCK_ELEMENTS_MIN, generator.num_generated // BLOCK_FRACTION)
+    return max(1, min(generator.n_chunks, budget // generator.mapping.row_numbers()))
+
+
+@torch.no_grad()
+def blockwise_values(generator: "QPAGenerator", features: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
+    """The M numbers written block by block into one flat tensor, centred and offset in place: the only M-sized
+    allocation is the result (each block's mapping input is built from ``features`` when it is needed)."""
+    total, chunk = generator.num_generated, generator.chunk_size
+    out = torch.empty(total, dtype=generator.mapping.output_dtype, device=features.device)
+    rows = block_rows(generator)
+    for start in range(0, generator.n_chunks, rows):
+        stop = min(start + rows, generator.n_chunks)
+        begin, end = start * chunk, min(stop * chunk, total)
+        block = generator.mapping(generator.mapping_input(features, slice(start, stop)))
+        out[begin:end] = block.reshape(-1)[: end - begin]
+    out.sub_(out.mean())
+    if offset is not None:
+        out.add_(offset)
+    return out
+
+
+def blockwise_output(generator: "QPAGenerator", features, offset, sizes) -> tuple[torch.Tensor, ...]:
+    """The M numbers cut into pieces of ``sizes``: through :class:`BlockwiseGenerate` when gradients are needed."""
+    params = tuple(generator.mapping.parameters())
+    if torch.is_grad_enabled() and (features.requires_grad or any(p.requires_grad for p in params)):
+        return BlockwiseGenerate.apply(weakref.ref(generator), features, offset, tuple(sizes), *params)
+    return torch.split(blockwise_values(generator, features, offset), list(sizes))
+
+
+class BlockwiseGenerate(torch.autograd.Function):
+    """``(features, offset, mapping parameters) -> pieces of the M numbers``.
+
+    Forward: the mapping block by block with no activation kept, centred and offset in place (one M-sized tensor,
+    returned as views ``pieces``). Backward: the gradient of the centring is g - mean(g); each block's rows are
+    recomputed with gradients and backpropagated on their own, reading the pieces' gradients where they lie, and
+    the parameter gradients are summed over blocks. Nothing M-sized is allocated in the backward."""
+
+    @staticmethod
+    def forward(ctx, generator_ref, features, offset, sizes, *params):
+        generator = generator_ref()
+        ctx.generator_ref = generator_ref  # weak: the graph must not keep a deleted adapter's generator alive
+        ctx.sizes = sizes
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(features)
+        out = blockwise_values(generator, features, offset)
+        return tuple(torch.split(out, list(sizes)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        generator = ctx.generator_ref()
+        if generator is None:
+            raise RuntimeError("The generator of these tensors was deleted before the backward pass.")
+        (features,) = ctx.saved_tensors
+        params = list(generator.mapping.parameters())
+        need_features = ctx.needs_input_grad[1]
+        need_params = list(ctx.needs_input_grad[4:])
+        present = [g for g in grads if g is not None]
+        if not present or not (need_features or any(need_params)):
+            return (None, None, None, None, *[None] * len(params))
+        incoming = _IncomingGradient(grads, ctx.sizes, sum(g.sum() for g in present) / generator.num_generated,
+                                     features)
+        grad_features = torch.zeros_like(features) if need_features else None
+        grad_params = [torch.zeros_like(p) if need else None for p, need in zip(params, need_params)]
+        rows, total, chunk = block_rows(generator), generator.num_generated, generator.chunk_size
+        with torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
+            for start in range(0, generator.n_chunks, rows):
+                stop = min(start + rows, generator.n_chunks)
+                begin, end = start * chunk, min(stop * chunk, total)
+                block_features = features[start:stop].detach().requires_grad_(need_features)
+                block = generator.mapping(generator.mapping_input(block_features, bits_rows=slice(start, stop)))
+                block = block.reshape(-1)[: end - begin]
+                inputs = ([block_features] if need_features else []) + [p for p, n in zip(params, need_params) if n]
+                got = list(torch.autograd.grad(block, inputs, incoming(begin, end), allow_unused=True))
+                if need_features:
+                    grad_features[start:stop] += got.pop(0)
+                for i, need in enumerate(need_params):
+                    if need:
+                        g = got.pop(0)
+                        if g is not None:
+                            grad_params[i] += g
+        return (None, grad_features, None, None, *grad_params)
+
+
+class _IncomingGradient:
+    """The incoming gradient of numbers [begin, end), read from the pieces' gradients where they lie, minus the mean
+    (the backward of the centring)."""
+
+    def __init__(self, grads, sizes, mean, like: torch.Tensor):
+        self.grads, self.sizes, self.mean, self.like = grads, sizes, mean, like
+        self.starts, position = [], 0
+        for size in sizes:
+            self.starts.append(position)
+            position += size
+
+    def __call__(self, begin: int, end: int) -> torch.Tensor:
+        parts = []
+        for start, size, g in zip(self.starts, self.sizes, self.grads):
+            lo, hi = max(begin, start), min(end, start + size)
+            if lo >= hi:
+                continue
+            if g is None:
+                parts.append(torch.zeros(hi - lo, dtype=self.like.dtype, device=self.like.device))
+            else:
+                parts.append(g.reshape(-1)[lo - start: hi - start])
+        return (torch.cat(parts) if len(parts) > 1 else parts[0].clone()).sub_(self.mean)
