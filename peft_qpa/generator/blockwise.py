@@ -20,7 +20,7 @@ BLOCK_ELEMENTS_MIN = 1 << 17
 BLOCK_FRACTION = 16
 
 
-def block_rows(generator: "QPAGenerator") -> int:
+def block_rows(generator: "torch.nn.Module") -> int:
     """Basis states (mapping rows) per block: a block's activations (every layer's input and output) hold at most
     max(BLOCK_ELEMENTS_MIN, M / BLOCK_FRACTION) numbers."""
     budget = max(BLOCK_ELEMENTS_MIN, generator.num_generated // BLOCK_FRACTION)
@@ -28,7 +28,7 @@ def block_rows(generator: "QPAGenerator") -> int:
 
 
 @torch.no_grad()
-def blockwise_values(generator: "QPAGenerator", features: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
+def blockwise_values(generator: "torch.nn.Module", features: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
     """The M numbers written block by block into one flat tensor, centred and offset in place: the only M-sized
     allocation is the result (each block's mapping input is built from ``features`` when it is needed)."""
     total, chunk = generator.num_generated, generator.chunk_size
@@ -45,7 +45,7 @@ def blockwise_values(generator: "QPAGenerator", features: torch.Tensor, offset: 
     return out
 
 
-def blockwise_output(generator: "QPAGenerator", features, offset, sizes) -> tuple[torch.Tensor, ...]:
+def blockwise_output(generator: "torch.nn.Module", features, offset, sizes) -> tuple[torch.Tensor, ...]:
     """The M numbers cut into pieces of ``sizes``: through :class:`BlockwiseGenerate` when gradients are needed."""
     params = tuple(generator.mapping.parameters())
     if torch.is_grad_enabled() and (features.requires_grad or any(p.requires_grad for p in params)):

@@ -22,6 +22,7 @@ from qiskit import QuantumCircuit
 from torch import nn
 
 from .backends import ExactBackend
+from .circuit import build_ansatz, circuit_parameters
 from .config import PROBABILITY_INPUTS, PROBABILITY_SCALINGS
 
 
@@ -70,12 +71,20 @@ class CircuitFeatures:
     width = 1
     description = ""
 
-    def __init__(self, circuit: QuantumCircuit, n_chunks: int, postprocessing: PostProcessing, frozen: bool = False):
-        self.circuit = circuit
-        self.n_qubits = circuit.num_qubits
+    def __init__(self, n_qubits: int, depth: int, ansatz: str, n_chunks: int, postprocessing: PostProcessing,
+                 frozen: bool = False):
+        # The circuit, defined once in Qiskit terms; every backend runs this definition.
+        self.circuit = build_ansatz(n_qubits, depth, ansatz)
+        self.n_qubits = n_qubits
         self.n_chunks = n_chunks
         self.postprocessing = postprocessing
         self.frozen = bool(frozen)
+
+    @classmethod
+    def options_from_config(cls, config) -> dict:
+        """The source's own settings from a ``GeneratorConfig`` (keyword arguments of the constructor beyond the
+        shared ones); none for the circuit."""
+        return {}
 
     def create_parameters(self, rng: torch.Generator, dtype: torch.dtype) -> dict[str, nn.Parameter]:
         return {"angles": nn.Parameter(torch.rand(self.circuit.num_parameters, generator=rng, dtype=dtype) * 2 * math.pi)}
@@ -91,7 +100,19 @@ class CircuitFeatures:
     def frozen_parameters(self) -> tuple[str, ...]:
         return ("angles",) if self.frozen else ()
 
-    def probabilities(self, generator: "QPAGenerator", step: int) -> torch.Tensor:
+    def summary_lines(self, generator: nn.Module) -> list[str]:
+        """The source's lines of ``QPAGenerator.summary``: its parameters."""
+        frozen = " (frozen: the freeze_angles control)" if self.frozen else ""
+        return [f"circuit parameters: {generator.angles.numel()}{frozen}"]
+
+    def bound_circuit(self, generator: nn.Module, bound: bool = True) -> QuantumCircuit:
+        """The Qiskit circuit, with the generator's current angles bound or (``bound=False``) parameterized."""
+        if not bound:
+            return self.circuit
+        values = generator.angles.detach().cpu().double().tolist()
+        return self.circuit.assign_parameters(dict(zip(circuit_parameters(self.circuit), values)))
+
+    def probabilities(self, generator: nn.Module, step: int) -> torch.Tensor:
         angles = generator.angles
         if angles.dtype in (torch.float16, torch.bfloat16):
             # A generator cast to half precision (autocast_adapter_dtype=False) still simulates in float32:
@@ -102,7 +123,7 @@ class CircuitFeatures:
             probs = generator.interpolation(probs, counts)
         return probs
 
-    def features(self, generator: "QPAGenerator", step: int) -> torch.Tensor:
+    def features(self, generator: nn.Module, step: int) -> torch.Tensor:
         probs = generator.probabilities(step)[: self.n_chunks]
         return self.postprocessing(probs, self.n_qubits).unsqueeze(1).to(generator.basis_bits.dtype)
 
@@ -114,7 +135,7 @@ class ConstantFeatures(CircuitFeatures):
 
     description = "probability input: constant (control: the MLP sees only the basis bits)"
 
-    def features(self, generator: "QPAGenerator", step: int) -> torch.Tensor:
+    def features(self, generator: nn.Module, step: int) -> torch.Tensor:
         bits = generator.basis_bits
         return torch.zeros(self.n_chunks, self.width, dtype=bits.dtype, device=bits.device)
 

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backends import check_generator_memory, make_backend as make_config_backend
 from . import blockwise
-from .circuit import build_ansatz, circuit_parameters, n_qubits_for
+from .circuit import n_qubits_for
 from .config import GeneratorConfig
 from .features import FEATURE_SOURCES, PostProcessing, basis_bits
 from .mapping import MAPPINGS
@@ -51,7 +51,10 @@ class QPAGenerator(nn.Module):
             simulator when None. :meth:`from_config` builds the backend a :class:`GeneratorConfig` names.
         init_weights: start from the specs' init (True) or from the raw generator output (False).
         seed: seeds the source's parameters, the mapping and the specs' random inits.
-        probability_input, freeze_angles: the feature source and its frozen-angles control (``docs/config.md``).
+        probability_input, freeze_angles: the feature source and its frozen-angles control (``docs/config.md``);
+            ``source_options`` its own settings.
+        mapping, mapping_options: the mapping (:data:`~peft_qpa.generator.mapping.MAPPINGS`) and its own settings
+            (for ``"mlp"``, ``hidden_sizes`` and ``activation`` by default).
     """
 
     def __init__(self, specs: list[TensorSpec], *, depth: int, chunk_size: int, ansatz: str = "ry_cnot",
@@ -59,23 +62,27 @@ class QPAGenerator(nn.Module):
                  prob_gamma: float = 0.1, prob_beta: float = 0.6, prob_alpha: float = 0.15, prob_eps: float = 1e-6,
                  max_qubits: int = 24, dtype: torch.dtype = torch.float32, init_weights: bool = True, seed: int = 0,
                  make_backend: Optional[Callable] = None, probability_input: str = "circuit",
-                 freeze_angles: bool = False, probability_scaling: str = "none"):
+                 freeze_angles: bool = False, probability_scaling: str = "none", source_options: Optional[dict] = None,
+                 mapping: str = "mlp", mapping_options: Optional[dict] = None):
         super().__init__()
-        self._set_sizes(specs, chunk_size, max_qubits)
+        _check_specs(specs)
+        self.specs, self.chunk_size = list(specs), chunk_size
+        self.num_generated = sum(s.numel for s in specs)
+        self.n_chunks = math.ceil(self.num_generated / chunk_size)
+        self.n_qubits = _qubits(self.num_generated, chunk_size, max_qubits)
         if probability_input not in FEATURE_SOURCES:
             raise ValueError(f"probability_input must be one of {tuple(FEATURE_SOURCES)}, got {probability_input!r}.")
         self.depth, self.ansatz, self.probability_input = depth, ansatz, probability_input
-        # The circuit, defined once in Qiskit terms; every backend runs this definition.
-        self._circuit = build_ansatz(self.n_qubits, depth, ansatz)
         postprocessing = PostProcessing(prob_gamma, prob_beta, prob_alpha, prob_eps, probability_scaling)
-        self.source = FEATURE_SOURCES[probability_input](self._circuit, self.n_chunks, postprocessing, freeze_angles)
+        self.source = FEATURE_SOURCES[probability_input](self.n_qubits, depth, ansatz, self.n_chunks, postprocessing,
+                                                         freeze_angles, **(source_options or {}))
         # Parts keep their state here, under the names they declare (the saved keys of earlier versions), in the
         # order earlier versions registered it: the source's parameters, the mapping, the source's modules.
         rng = torch.Generator().manual_seed(seed)
         for name, parameter in self.source.create_parameters(rng, dtype).items():
             self.register_parameter(name, parameter)
-        self.mapping = MAPPINGS["mlp"](self.n_qubits + self.source.width, tuple(hidden_sizes), activation, chunk_size,
-                                       dtype, seed)
+        self.mapping = _mapping(mapping, self.n_qubits + self.source.width, chunk_size, dtype, seed,
+                                {"hidden_sizes": tuple(hidden_sizes), "activation": activation}, mapping_options)
         for name, module in self.source.create_modules(make_backend).items():
             setattr(self, name, module)
         # Row i of the mapping input: the ±1 bits of basis state i (only the first n_chunks states are used).
@@ -89,25 +96,6 @@ class QPAGenerator(nn.Module):
         if init_weights and not self.offset_pending:
             with torch.no_grad():
                 self.offset.copy_(initial_values(self.specs, rng, seed, dtype) - self._raw_output(step=0))
-
-    def _set_sizes(self, specs: list[TensorSpec], chunk_size: int, max_qubits: int) -> None:
-        if not specs:
-            raise ValueError("The generator needs at least one tensor to fill.")
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise ValueError("Tensor names given to the generator must be unique.")
-        self.specs = list(specs)
-        self.num_generated = sum(s.numel for s in specs)
-        self.chunk_size = chunk_size
-        self.n_chunks = math.ceil(self.num_generated / chunk_size)
-        self.n_qubits = n_qubits_for(self.num_generated, chunk_size)
-        if self.n_qubits > max_qubits:
-            needed = math.ceil(self.num_generated / 2**max_qubits)
-            raise ValueError(
-                f"Generating {self.num_generated} numbers in chunks of {chunk_size} needs {self.n_qubits} qubits, "
-                f"more than max_qubits={max_qubits} (a statevector of 2^{self.n_qubits} amplitudes). Raise "
-                f"chunk_size to at least {needed}, or raise max_qubits if you have the memory."
-            )
 
     @classmethod
     def from_config(cls, config: GeneratorConfig, specs: list[TensorSpec], init_weights: bool = True) -> "QPAGenerator":
@@ -125,6 +113,9 @@ class QPAGenerator(nn.Module):
             seed=config.seed, make_backend=functools.partial(make_config_backend, config, dtype=dtype),
             probability_input=config.probability_input, freeze_angles=config.freeze_angles,
             probability_scaling=getattr(config, "probability_scaling", "none"),
+            source_options=FEATURE_SOURCES[config.probability_input].options_from_config(config),
+            mapping=getattr(config, "mapping", "mlp"),
+            mapping_options=MAPPINGS[getattr(config, "mapping", "mlp")].options_from_config(config),
         )
 
     # --- the parts' settings, as earlier versions exposed them ------------------------------------------------
@@ -238,10 +229,7 @@ class QPAGenerator(nn.Module):
     def circuit(self, bound: bool = True):
         """The Qiskit circuit: with the current angles bound (drawable: ``.circuit().draw()``), or with
         ``bound=False`` its parameterized definition, which every backend runs."""
-        if not bound:
-            return self._circuit
-        values = self.angles.detach().cpu().double().tolist()
-        return self._circuit.assign_parameters(dict(zip(circuit_parameters(self._circuit), values)))
+        return self.source.bound_circuit(self, bound)
 
     def num_trainable(self) -> int:
         """Parameters the generator trains (the frozen ones of a control not counted)."""
@@ -250,24 +238,56 @@ class QPAGenerator(nn.Module):
     def summary(self, classical_parameters: Optional[int] = None, classical_name: str = "the classical twin") -> str:
         """Qubits, depth, M, the trainable parameters by part, and their ratio to ``classical_parameters`` (the
         parameters of ``classical_name``, the generated tensors trained directly)."""
-        circuit_params = self.angles.numel()
-        mlp_params = sum(p.numel() for p in self.mapping.parameters())
-        gi_params = sum(p.numel() for p in self.interpolation.parameters()) if self.interpolation is not None else 0
-        lines = [
-            f"qubits N: {self.n_qubits} (2^N = {2**self.n_qubits} basis states, {self.n_chunks} used)",
-            f"depth L: {self.depth} ({self.ansatz})",
-            f"generated numbers M: {self.num_generated} in chunks of {self.chunk_size}",
-            f"circuit parameters: {circuit_params}" + (" (frozen: the freeze_angles control)" if self.freeze_angles else ""),
-            f"mapping MLP parameters: {mlp_params}",
-        ]
-        if gi_params:
-            lines.append(f"interpolation network parameters: {gi_params}")
-        if self.source.description:
-            lines.append(self.source.description)
-        total = self.num_trainable()
-        lines.append(f"trainable total: {total}")
-        if classical_parameters:
-            lines.append(
-                f"ratio to {classical_name}: {total / classical_parameters:.2%} ({total} / {classical_parameters})"
-            )
-        return "\n".join(lines)
+        return _summary(self, classical_parameters, classical_name)
+
+
+def _summary(generator: QPAGenerator, classical_parameters: Optional[int], classical_name: str) -> str:
+    mlp_params = sum(p.numel() for p in generator.mapping.parameters())
+    gi = generator.interpolation
+    gi_params = sum(p.numel() for p in gi.parameters()) if gi is not None else 0
+    lines = [
+        f"qubits N: {generator.n_qubits} (2^N = {2**generator.n_qubits} basis states, {generator.n_chunks} used)",
+        f"depth L: {generator.depth} ({generator.ansatz})",
+        f"generated numbers M: {generator.num_generated} in chunks of {generator.chunk_size}",
+        *generator.source.summary_lines(generator),
+        f"mapping MLP parameters: {mlp_params}",
+    ]
+    if gi_params:
+        lines.append(f"interpolation network parameters: {gi_params}")
+    if generator.source.description:
+        lines.append(generator.source.description)
+    total = generator.num_trainable()
+    lines.append(f"trainable total: {total}")
+    if classical_parameters:
+        lines.append(f"ratio to {classical_name}: {total / classical_parameters:.2%} ({total} / {classical_parameters})")
+    return "\n".join(lines)
+
+
+def _check_specs(specs: list[TensorSpec]) -> None:
+    if not specs:
+        raise ValueError("The generator needs at least one tensor to fill.")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError("Tensor names given to the generator must be unique.")
+
+
+def _qubits(num_generated: int, chunk_size: int, max_qubits: int) -> int:
+    n_qubits = n_qubits_for(num_generated, chunk_size)
+    if n_qubits > max_qubits:
+        needed = math.ceil(num_generated / 2**max_qubits)
+        raise ValueError(
+            f"Generating {num_generated} numbers in chunks of {chunk_size} needs {n_qubits} qubits, more than "
+            f"max_qubits={max_qubits} (a statevector of 2^{n_qubits} amplitudes). Raise chunk_size to at least "
+            f"{needed}, or raise max_qubits if you have the memory."
+        )
+    return n_qubits
+
+
+def _mapping(kind: str, in_features: int, chunk_size: int, dtype: torch.dtype, seed: int, mlp_options: dict,
+             options: Optional[dict]) -> nn.Module:
+    """The mapping ``kind`` of :data:`MAPPINGS`; the MLP takes the generator's ``hidden_sizes``/``activation``
+    unless ``options`` give them."""
+    if kind not in MAPPINGS:
+        raise ValueError(f"mapping must be one of {tuple(MAPPINGS)}, got {kind!r}.")
+    merged = {**(mlp_options if kind == "mlp" else {}), **(options or {})}
+    return MAPPINGS[kind](in_features, chunk_size, dtype, seed, **merged)

@@ -1,9 +1,11 @@
 """Mappings: the model that turns each basis state's input row into its chunk of ``chunk_size`` numbers.
 
 A mapping is an ``nn.Module`` from ``(rows, in_features)`` to ``(rows, chunk_size)``, registered on the generator as
-``mapping`` (its parameters are saved as ``mapping.*``). It also reports ``row_numbers()``: the activations one row
-holds in a forward (every layer's input and output), which sizes the blocks of large generators. Adding a mapping is
-one class here and one entry in :data:`MAPPINGS`.
+``mapping`` (its parameters are saved as ``mapping.*``). Its constructor takes ``(in_features, chunk_size, dtype,
+seed, **options)``, ``options_from_config(config)`` gives those options from a ``GeneratorConfig``, and
+``row_numbers()`` the activations one row holds in a forward (every layer's input and output), which sizes the
+blocks of large generators; ``output_dtype`` is the dtype it produces. Adding a mapping is one class here and one
+entry in :data:`MAPPINGS`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ class MLPMapping(nn.Sequential):
     a ``Linear`` to ``chunk_size``. Its layers are initialized from ``seed`` alone (the caller's RNG is not used for
     the values, though building the layers advances it, as it always has)."""
 
-    def __init__(self, in_features: int, hidden_sizes: tuple[int, ...], activation: str, chunk_size: int,
-                 dtype: torch.dtype, seed: int):
+    def __init__(self, in_features: int, chunk_size: int, dtype: torch.dtype, seed: int,
+                 hidden_sizes: tuple[int, ...] = (32, 64, 128, 128, 64, 32), activation: str = "gelu"):
         layers: list[nn.Module] = []
         width = in_features
         for hidden in hidden_sizes:
@@ -42,6 +44,11 @@ class MLPMapping(nn.Sequential):
         activation, and the chunk."""
         widths = [m.out_features for m in self if isinstance(m, nn.Linear)]
         return self[0].in_features + 2 * sum(widths[:-1]) + widths[-1]
+
+    @classmethod
+    def options_from_config(cls, config) -> dict:
+        """The mapping's own settings from a ``GeneratorConfig`` (constructor keyword arguments)."""
+        return {"hidden_sizes": tuple(config.mapping_hidden_sizes), "activation": config.mapping_activation}
 
     @property
     def output_dtype(self) -> torch.dtype:

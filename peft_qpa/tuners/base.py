@@ -31,6 +31,8 @@ from transformers.utils import logging
 
 from ..generator import QPAGenerator, TensorSpec
 from .cache import GeneratedCache
+from .forward import ForwardHooksMixin
+from .state import GENERATOR_SUFFIX, AdapterStateMixin
 
 logger = logging.get_logger(__name__)
 
@@ -176,7 +178,6 @@ class QPABaseLayer(BaseTunerLayer):
         raise NotImplementedError
 
 
-GENERATOR_SUFFIX = "generator"
 
 
 class ReplacesTargets:
@@ -208,7 +209,7 @@ class ReplacesTargets:
         return self.tuner_layer_cls(target, adapter_name, **layer_kwargs)
 
 
-class QPABaseModel(ReplacesTargets, BaseTuner):
+class QPABaseModel(ReplacesTargets, AdapterStateMixin, ForwardHooksMixin, BaseTuner):
     """Base of every QPA tuner: one generator per adapter, shared by all the adapter's layers.
 
     Subclasses set ``prefix``, ``tuner_layer_cls`` (a :class:`QPABaseLayer` subclass), ``target_module_mapping``,
@@ -227,6 +228,14 @@ class QPABaseModel(ReplacesTargets, BaseTuner):
         return f"an adapter (targets: {targets})"
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, **kwargs):
+        new = config[adapter_name] if isinstance(config, dict) else config
+        existing = getattr(model, "peft_config", {}).get(adapter_name)
+        if existing is not None and existing.peft_type != new.peft_type:
+            raise ValueError(
+                f"The model already carries a {getattr(existing.peft_type, 'value', existing.peft_type)} adapter named "
+                f"{adapter_name!r} (added with inject_adapter_in_model); give this one another name (adapter_name=...): "
+                "under one name PEFT would replace that adapter's config and save its weights as this adapter's."
+            )
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         # Generate once per forward of the whole model, before any (checkpointed) layer runs.
         self._forward_hook_handle = self.model.register_forward_pre_hook(self._begin_forward)
@@ -329,125 +338,6 @@ class QPABaseModel(ReplacesTargets, BaseTuner):
             self.model.add_model_tags(list(TAGS) + list(self.card_tags))
         logger.info("%s adapter %r:\n%s", self.peft_type_name, adapter_name, self.generator_summary(adapter_name))
 
-    def _snapshot_keys(self, adapter_name: str) -> list[str]:
-        """State-dict keys (relative to the wrapped model) of the adapter's snapshots."""
-        return [
-            f"{module_name}.{tensor.snapshot}.{adapter_name}"
-            for module_name, layer in self._targeted_layers(adapter_name)
-            for tensor in layer.declared(adapter_name)
-        ]
-
-    def _after_load(self, module, incompatible_keys) -> None:
-        """After ``load_state_dict``: loaded snapshots are authoritative (bit-exact outputs after a reload), and an
-        adapter whose generator was loaded too is cross-checked: a generator that does not reproduce its
-        snapshot (a corrupted file, or an edited config field that keeps the shapes) is reported."""
-        missing = incompatible_keys.missing_keys
-        for adapter_name, generator in self._generators().items():
-            config = self.peft_config.get(adapter_name)
-            snapshot_keys = self._snapshot_keys(adapter_name)
-            if any(k.endswith(key) for k in missing for key in snapshot_keys):
-                # This adapter's snapshot was not in the loaded state dict: nothing to check. An adapter saved with
-                # save_generated_tensors=False regenerates it from the loaded generator.
-                if not getattr(config, "save_generated_tensors", True) and self._generator_loaded(adapter_name, missing):
-                    self._regenerate_after_load(adapter_name)
-                    # Not missing: regenerated (the list may be edited in place; PEFT warns about what remains).
-                    offset_key = f"{self.generator_attr}.{adapter_name}.offset"
-                    missing[:] = [k for k in missing if not (k.endswith(offset_key)
-                                                             or any(k.endswith(key) for key in snapshot_keys))]
-                continue
-            if any(p.is_meta for p in generator.parameters()):
-                continue
-            generator_loaded = not any(f"{self.generator_attr}.{adapter_name}." in k for k in missing)
-            cache = self._caches()[adapter_name]
-            if generator_loaded:
-                cache.warn_if_loaded_disagrees("snapshot", (
-                    "a corrupted adapter_model.safetensors, or an edited adapter_config.json field that keeps the "
-                    "shapes (prob_*, mapping_activation, ansatz, backend, ...; now "
-                    f"backend={getattr(config, 'backend', None)!r}, ansatz={getattr(config, 'ansatz', None)!r})"
-                ))
-            cache.mark_fresh()
-
-    def _generator_loaded(self, adapter_name: str, missing: list[str]) -> bool:
-        """Whether every parameter of the adapter's generator was in the loaded state dict."""
-        marker = f"{self.generator_attr}.{adapter_name}."
-        names = {name for name, _ in self.get_generator(adapter_name).named_parameters()}
-        return not any(marker in k and k.split(marker, 1)[1] in names for k in missing)
-
-    def _regenerate_after_load(self, adapter_name: str) -> None:
-        """An adapter saved without its generated tensors (``save_generated_tensors=False``): the offset is the one its
-        config and seed give (computed here if the generator was built on the meta device), and the snapshots are
-        generated from the loaded generator."""
-        generator = self.get_generator(adapter_name)
-        if any(p.is_meta for p in generator.parameters()):
-            return
-        if generator.offset_pending or generator.offset.is_meta:
-            config = self.peft_config[adapter_name]
-            fresh = QPAGenerator.from_config(config, generator.specs, init_weights=getattr(config, "init_weights", True))
-            device = next(generator.parameters()).device
-            generator.offset = fresh.offset.to(device=device, dtype=generator.offset.dtype)
-            generator.offset_pending = False
-        self._caches()[adapter_name].refresh(force=True)
-
-    @classmethod
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """PEFT's selection of the adapter's entries; with ``save_generated_tensors=False`` without the generated
-        tensors' snapshots and the generator's offset, which loading regenerates from the generator and the seed."""
-        to_return = super()._get_adapter_state_dict(
-            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
-            unwanted_adapter_names=unwanted_adapter_names,
-        )
-        tuner = getattr(model, "base_model", model)
-        if getattr(config, "save_generated_tensors", True) or not isinstance(tuner, QPABaseModel):
-            return to_return
-        dropped = {f".{key}" for key in tuner._snapshot_keys(adapter_name)}
-        dropped.add(f".{tuner.generator_attr}.{adapter_name}.offset")
-        return {k: v for k, v in to_return.items() if not any(f".{k}".endswith(end) for end in dropped)}
-
-    # --- once per forward -------------------------------------------------------------------------------
-    def _begin_forward(self, module, args):
-        generators = self._generators()
-        active = [name for name in self.active_adapters if name in generators]
-        if not active:
-            return
-        disabled, merged, reentrant = self._forward_state()
-        if disabled:
-            return  # the layers read nothing (e.g. a reference-model forward with the adapter disabled)
-        training = self.model.training
-        reentrant = reentrant and training and torch.is_grad_enabled()
-        if reentrant:
-            _refuse_distributed_reentrant_checkpointing()
-        for adapter_name in active:
-            # A merged adapter is already in the base weights: its layers read nothing, and drawing new shots or
-            # advancing the step here would make unmerge subtract something else.
-            if adapter_name not in merged:
-                self._caches()[adapter_name].begin_forward(training=training, reentrant_checkpointing=reentrant)
-
-    def _end_forward(self, module, args, output):
-        for cache in self._caches().values():
-            cache.end_forward()
-
-    def _forward_state(self) -> tuple[bool, set, bool]:
-        """One pass over the model: whether the QPA layers are disabled, the adapters merged into any layer, and
-        whether transformers' gradient (activation) checkpointing is on with ``use_reentrant=True``.
-
-        Checkpointing is read from the checkpointed modules themselves (``gradient_checkpointing`` and the
-        ``_gradient_checkpointing_func`` partial that transformers sets on them), not from the model's deprecated
-        ``is_gradient_checkpointing`` property."""
-        disabled, merged, reentrant = None, set(), None
-        for module in self.model.modules():
-            if isinstance(module, QPABaseLayer):
-                if disabled is None:
-                    disabled = module.disable_adapters
-                merged.update(module.merged_adapters)
-            elif reentrant is None and getattr(module, "gradient_checkpointing", False) is True:
-                func = getattr(module, "_gradient_checkpointing_func", None)
-                if func is not None:
-                    reentrant = bool(getattr(func, "keywords", {}).get("use_reentrant", True))
-        return bool(disabled), merged, bool(reentrant)
-
-    def _refresh_before_state_dict(self, module, prefix, keep_vars):
-        for cache in self._caches().values():
-            cache.refresh(force=True)
 
     # --- shared-state overrides (the generic code only sees per-layer weights) ---------------------------
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
@@ -500,13 +390,6 @@ class QPABaseModel(ReplacesTargets, BaseTuner):
         self._forward_end_hook_handle.remove()
         return model
 
-    # --- state dict -------------------------------------------------------------------------------------
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        marker = f"{cls.prefix}{GENERATOR_SUFFIX}.{adapter_name}."
-        if marker in key:
-            return key.replace(marker, f"{cls.prefix}{GENERATOR_SUFFIX}.", 1)
-        return super()._remove_adapter_name_from_key(key, adapter_name)
 
     # --- reporting --------------------------------------------------------------------------------------
     def classical_parameter_count(self, adapter_name: str = "default") -> int:
@@ -525,19 +408,3 @@ def _base_parameter(layer: QPABaseLayer) -> torch.Tensor:
     if isinstance(weight, torch.Tensor):
         return weight
     return next(base.parameters())
-
-
-def _refuse_distributed_reentrant_checkpointing() -> None:
-    """Reentrant checkpointing pushes the generator's gradient through it after each nested backward, outside
-    the backward that DistributedDataParallel synchronises: the ranks' generators would drift apart silently."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_world_size() <= 1:
-        return
-    raise RuntimeError(
-        "QPA does not support reentrant gradient checkpointing in distributed (DDP) training: the generator's "
-        "gradients would not be synchronised across ranks. Use non-reentrant checkpointing instead: "
-        "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), or with the "
-        "HF Trainer, TrainingArguments(gradient_checkpointing=True, "
-        "gradient_checkpointing_kwargs={'use_reentrant': False})."
-    )
