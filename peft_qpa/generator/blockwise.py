@@ -28,16 +28,18 @@ def block_rows(generator: "torch.nn.Module") -> int:
 
 
 @torch.no_grad()
-def blockwise_values(generator: "torch.nn.Module", features: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
+def blockwise_values(generator: "torch.nn.Module", features: torch.Tensor, offset: Optional[torch.Tensor],
+                     bits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The M numbers written block by block into one flat tensor, centred and offset in place: the only M-sized
-    allocation is the result (each block's mapping input is built from ``features`` when it is needed)."""
+    allocation is the result (each block's mapping input is built from ``features`` and the basis features ``bits``
+    when it is needed)."""
     total, chunk = generator.num_generated, generator.chunk_size
     out = torch.empty(total, dtype=generator.mapping.output_dtype, device=features.device)
     rows = block_rows(generator)
     for start in range(0, generator.n_chunks, rows):
         stop = min(start + rows, generator.n_chunks)
         begin, end = start * chunk, min(stop * chunk, total)
-        block = generator.mapping(generator.mapping_input(features, slice(start, stop)))
+        block = generator.mapping(generator.mapping_input(features, slice(start, stop), bits=bits))
         out[begin:end] = block.reshape(-1)[: end - begin]
     out.sub_(out.mean())
     if offset is not None:
@@ -45,16 +47,16 @@ def blockwise_values(generator: "torch.nn.Module", features: torch.Tensor, offse
     return out
 
 
-def blockwise_output(generator: "torch.nn.Module", features, offset, sizes) -> tuple[torch.Tensor, ...]:
+def blockwise_output(generator: "torch.nn.Module", features, offset, sizes, bits=None) -> tuple[torch.Tensor, ...]:
     """The M numbers cut into pieces of ``sizes``: through :class:`BlockwiseGenerate` when gradients are needed."""
     params = tuple(generator.mapping.parameters())
     if torch.is_grad_enabled() and (features.requires_grad or any(p.requires_grad for p in params)):
-        return BlockwiseGenerate.apply(weakref.ref(generator), features, offset, tuple(sizes), *params)
-    return torch.split(blockwise_values(generator, features, offset), list(sizes))
+        return BlockwiseGenerate.apply(weakref.ref(generator), features, offset, tuple(sizes), bits, *params)
+    return torch.split(blockwise_values(generator, features, offset, bits), list(sizes))
 
 
 class BlockwiseGenerate(torch.autograd.Function):
-    """``(features, offset, mapping parameters) -> pieces of the M numbers``.
+    """``(features, offset, basis features, mapping parameters) -> pieces of the M numbers``.
 
     Forward: the mapping block by block with no activation kept, centred and offset in place (one M-sized tensor,
     returned as views ``pieces``). Backward: the gradient of the centring is g - mean(g); each block's rows are
@@ -62,13 +64,14 @@ class BlockwiseGenerate(torch.autograd.Function):
     the parameter gradients are summed over blocks. Nothing M-sized is allocated in the backward."""
 
     @staticmethod
-    def forward(ctx, generator_ref, features, offset, sizes, *params):
+    def forward(ctx, generator_ref, features, offset, sizes, bits, *params):
         generator = generator_ref()
         ctx.generator_ref = generator_ref  # weak: the graph must not keep a deleted adapter's generator alive
         ctx.sizes = sizes
+        ctx.bits = bits  # not differentiated: the basis features of this generation (drawn, for "shuffled")
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(features)
-        out = blockwise_values(generator, features, offset)
+        out = blockwise_values(generator, features, offset, bits)
         return tuple(torch.split(out, list(sizes)))
 
     @staticmethod
@@ -79,10 +82,10 @@ class BlockwiseGenerate(torch.autograd.Function):
         (features,) = ctx.saved_tensors
         params = list(generator.mapping.parameters())
         need_features = ctx.needs_input_grad[1]
-        need_params = list(ctx.needs_input_grad[4:])
+        need_params = list(ctx.needs_input_grad[5:])
         present = [g for g in grads if g is not None]
         if not present or not (need_features or any(need_params)):
-            return (None, None, None, None, *[None] * len(params))
+            return (None, None, None, None, None, *[None] * len(params))
         incoming = _IncomingGradient(grads, ctx.sizes, sum(g.sum() for g in present) / generator.num_generated,
                                      features)
         grad_features = torch.zeros_like(features) if need_features else None
@@ -93,7 +96,8 @@ class BlockwiseGenerate(torch.autograd.Function):
                 stop = min(start + rows, generator.n_chunks)
                 begin, end = start * chunk, min(stop * chunk, total)
                 block_features = features[start:stop].detach().requires_grad_(need_features)
-                block = generator.mapping(generator.mapping_input(block_features, bits_rows=slice(start, stop)))
+                block = generator.mapping(generator.mapping_input(block_features, bits_rows=slice(start, stop),
+                                                                  bits=ctx.bits))
                 block = block.reshape(-1)[: end - begin]
                 inputs = ([block_features] if need_features else []) + [p for p, n in zip(params, need_params) if n]
                 got = list(torch.autograd.grad(block, inputs, incoming(begin, end), allow_unused=True))
@@ -104,7 +108,7 @@ class BlockwiseGenerate(torch.autograd.Function):
                         g = got.pop(0)
                         if g is not None:
                             grad_params[i] += g
-        return (None, grad_features, None, None, *grad_params)
+        return (None, grad_features, None, None, None, *grad_params)
 
 
 class _IncomingGradient:

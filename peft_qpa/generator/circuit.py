@@ -57,6 +57,22 @@ def build_ansatz(n_qubits: int, depth: int, ansatz: str = "ry_cnot") -> QuantumC
     return qc
 
 
+def readout_circuit(body: QuantumCircuit) -> QuantumCircuit:
+    """``body`` followed by one RY on every qubit: a trainable change of measurement basis before the
+    computational-basis readout (the ``multi_readout`` feature source runs it once per readout setting).
+
+    The backends take one ``ParameterVector`` in index order, so the result has one, ``θ`` of length P + N:
+    ``θ[:P]`` are the body's parameters in the body's order and ``θ[P + q]`` rotates qubit ``q`` last. The body
+    itself is reused as built, not described again."""
+    n_qubits, n_body = body.num_qubits, body.num_parameters
+    theta = ParameterVector("θ", n_body + n_qubits)
+    qc = body.assign_parameters(dict(zip(circuit_parameters(body), theta[:n_body])))
+    for q in range(n_qubits):
+        qc.ry(theta[n_body + q], q)
+    qc.name = f"{body.name}_readout"
+    return qc
+
+
 def circuit_parameters(qc: QuantumCircuit) -> ParameterVector | list:
     """The circuit's parameters in index order (``θ[0]``, ``θ[1]``, ...)."""
     return sorted(qc.parameters, key=lambda p: p.index)
@@ -92,3 +108,20 @@ def circuit_program(qc: QuantumCircuit) -> list[Gate]:
             param_index = param.index
         program.append(Gate(op.name, qubits, param_index))
     return program
+
+
+def product_circuit(parts: list[QuantumCircuit]) -> QuantumCircuit:
+    """The tensor product of ``parts``: part g on its own qubits, above those of parts 0..g-1 (part 0 holds the
+    lowest bits of a basis-state index), with no gate between parts. Its one ``ParameterVector`` ``θ`` holds part
+    0's parameters in part 0's order, then part 1's, and so on; the parts themselves are reused as built."""
+    theta = ParameterVector("θ", sum(part.num_parameters for part in parts))
+    qc = QuantumCircuit(sum(part.num_qubits for part in parts))
+    first_qubit = first_parameter = 0
+    for part in parts:
+        values = theta[first_parameter : first_parameter + part.num_parameters]
+        bound = part.assign_parameters(dict(zip(circuit_parameters(part), values)))
+        qc.compose(bound, qubits=range(first_qubit, first_qubit + part.num_qubits), inplace=True)
+        first_qubit += part.num_qubits
+        first_parameter += part.num_parameters
+    qc.name = "product(" + ", ".join(part.name for part in parts) + ")"
+    return qc

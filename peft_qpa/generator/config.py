@@ -19,10 +19,30 @@ from .memory import check_memory
 # The options of the fields below, defined once (the backends and the generator import them from here).
 BACKENDS = ("statevector", "aer_statevector", "aer_shots")
 SHOT_GRADIENTS = ("exact", "parameter_shift")
-ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
+ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
 DTYPES = ("float32", "float64")
-PROBABILITY_INPUTS = ("circuit", "constant")
+PROBABILITY_INPUTS = ("circuit", "constant", "multi_readout", "classical_twin", "distributed")
 PROBABILITY_SCALINGS = ("none", "standardize")
+BASIS_FEATURES = ("bits", "shuffled", "none")
+MAPPINGS_OPTIONS = ("mlp", "mps")
+
+# The generator of the QPA authors' public code (qpa_lora.py in CYLphysics/QPA) as these fields express it: depth 8,
+# an affine mapping Linear(N+1, 32) -> 64 -> 128 -> 128 -> 64 -> 32 -> 32 -> chunk (no activation), bits of a random
+# basis assignment at every training forward, chunks of 2048 numbers (their GPT-2 runs). Where this differs from
+# their code, and why: docs/config.md, "The published configuration".
+PUBLISHED_GENERATOR = {
+    "qnn_depth": 8,
+    "ansatz": "ry_cnot",
+    "chunk_size": 2048,
+    "mapping_hidden_sizes": [32, 64, 128, 128, 64, 32, 32],
+    "mapping_activation": "none",
+    "basis_features": "shuffled",
+    "prob_gamma": 0.1,
+    "prob_beta": 0.6,
+    "prob_alpha": 0.15,
+    "probability_scaling": "none",
+    "backend": "statevector",
+}
 
 # `seed` reaches torch.Generator().manual_seed and torch.manual_seed (they accept [-2^63, 2^64 - 1]; a negative
 # seed s gives the same stream as 2^64 + s), numpy's SeedSequence and Qiskit's seed_transpiler (any integer >= 0)
@@ -87,7 +107,45 @@ class GeneratorConfig:
         },
     )
     mapping_activation: str = field(
-        default="gelu", metadata={"help": f"Nonlinearity between the mapping MLP's layers, one of {ACTIVATIONS}."}
+        default="gelu",
+        metadata={
+            "help": (
+                f"Nonlinearity between the mapping MLP's layers, one of {ACTIVATIONS}. 'none' makes the whole mapping "
+                "affine, as in the QPA authors' code (then only the features tell chunks apart)."
+            )
+        },
+    )
+    basis_features: str = field(
+        default="bits",
+        metadata={
+            "help": (
+                f"What the mapping sees of each chunk's basis state beside the feature source's features, one of "
+                f"{BASIS_FEATURES}: 'bits' (the state's own ±1 bits), 'shuffled' (the QPA authors' code: the bits of "
+                "a fresh random assignment of basis states to chunks at every training forward, drawn from seed and "
+                "step; eval, save, merge and export use its expectation, zero bits) or 'none' (no bits: the mapping "
+                "sees only the features)."
+            )
+        },
+    )
+    mapping: str = field(
+        default="mlp",
+        metadata={
+            "help": (
+                f"The mapping from each basis state's row (its bits and features) to its chunk, one of "
+                f"{MAPPINGS_OPTIONS}: 'mlp' (the QPA paper's MLP: mapping_hidden_sizes, mapping_activation) or 'mps' "
+                "(the tensor-network mapping of Quantum-Train with Tensor Network Mapping Model, arXiv:2409.06992: a "
+                "matrix product state over the row's numbers with bond dimension mps_bond_dim; far fewer parameters)."
+            )
+        },
+    )
+    mps_bond_dim: int = field(
+        default=8,
+        metadata={
+            "help": (
+                "With mapping='mps': the bond dimension chi >= 1 of the matrix product state. It has about 2 * chi^2 "
+                "parameters per number of a row plus chi^2 * chunk_size for its output core."
+            )
+        },
     )
     prob_gamma: float = field(
         default=0.1, metadata={"help": "Probability post-processing x = (beta * tanh(gamma * 2^(N-1) * p) + eps)^alpha - eps^alpha: gamma."}
@@ -189,8 +247,32 @@ class GeneratorConfig:
         metadata={
             "help": (
                 f"What the mapping MLP sees beside each basis state's bits, one of {PROBABILITY_INPUTS}: 'circuit' (the "
-                "method: the state's post-processed probability) or 'constant' (a control: the same value for every "
-                "state, so the circuit does not influence the generated tensors)."
+                "method: the state's post-processed probability), 'constant' (a control: the same value for every "
+                "state, so the circuit does not influence the generated tensors), 'multi_readout' (readout_settings "
+                "probabilities per state: the circuit measured after each of K trainable final RY layers) or "
+                "'classical_twin' (a control: a classical distribution over the basis states with the circuit's N * L "
+                "trainable parameters, in place of the circuit; backend 'statevector' only). With 'distributed', "
+                "circuit_groups smaller circuits replace the one circuit and each state's probability is the product "
+                "of theirs (arXiv:2409.06992)."
+            )
+        },
+    )
+    readout_settings: int = field(
+        default=2,
+        metadata={
+            "help": (
+                "With probability_input='multi_readout': K >= 2, the readout settings (measurement bases). The circuit "
+                "runs K times per step, and each basis state gets K probability features instead of one."
+            )
+        },
+    )
+    circuit_groups: int = field(
+        default=2,
+        metadata={
+            "help": (
+                "With probability_input='distributed': G >= 2 sub-circuits (at most N, checked once N is known). The "
+                "N qubits split into G groups of contiguous qubits, each its own circuit with no gate between groups, "
+                "and each basis state's probability is the product of the groups' probabilities of its bits."
             )
         },
     )
@@ -210,7 +292,8 @@ class GeneratorConfig:
     generated_size_what = "set by the tensors to generate"
     generated_size_hint = "Generate fewer numbers"
 
-    _INT_FIELDS = ("qnn_depth", "chunk_size", "max_qubits", "seed", "shots", "shots_per_state", "aer_max_parallel_threads")
+    _INT_FIELDS = ("qnn_depth", "chunk_size", "max_qubits", "seed", "shots", "shots_per_state", "aer_max_parallel_threads",
+                   "readout_settings", "mps_bond_dim", "circuit_groups")
     _REAL_FIELDS = ("prob_gamma", "prob_beta", "prob_alpha", "prob_eps")
     _BOOL_FIELDS = ("generative_interpolation", "freeze_angles")
     _LIST_FIELDS = ("mapping_hidden_sizes", "gi_hidden_sizes")
@@ -268,6 +351,8 @@ class GeneratorConfig:
             fail("mapping_hidden_sizes", "a list of integers >= 1 ([] makes the mapping a single linear layer)")
         if not isinstance(self.mapping_activation, str) or self.mapping_activation not in ACTIVATIONS:
             fail("mapping_activation", f"one of {ACTIVATIONS}")
+        if not isinstance(self.basis_features, str) or self.basis_features not in BASIS_FEATURES:
+            fail("basis_features", f"one of {BASIS_FEATURES}")
         if not isinstance(self.simulator_dtype, str) or self.simulator_dtype not in DTYPES:
             fail("simulator_dtype", f"one of {DTYPES}")
         if not is_int(self.max_qubits) or not 1 <= self.max_qubits <= MAX_QUBITS:
@@ -336,8 +421,43 @@ class GeneratorConfig:
             fail("aer_max_parallel_threads", "an integer >= 0")
         if not isinstance(self.probability_input, str) or self.probability_input not in PROBABILITY_INPUTS:
             fail("probability_input", f"one of {PROBABILITY_INPUTS}")
+        if self.probability_input == "classical_twin" and self.backend != "statevector":
+            raise ValueError(
+                f"{cls}.probability_input='classical_twin' runs no circuit, so backend={self.backend!r} does not "
+                "apply: the twin's probabilities are exact, with no shots to sample and no noise. Leave backend at "
+                "'statevector' (the default)."
+            )
+        if not is_int(self.readout_settings) or self.readout_settings < 2:
+            fail("readout_settings", "an integer >= 2 (the number of readout settings K of probability_input='multi_readout')")
+        if self.probability_input != "multi_readout" and self.readout_settings != 2:
+            raise ValueError(
+                f"{cls}.readout_settings={self.readout_settings} only applies to probability_input='multi_readout' "
+                f"(probability_input is {self.probability_input!r}); set probability_input='multi_readout' or leave "
+                "readout_settings at its default, 2."
+            )
         if not isinstance(self.probability_scaling, str) or self.probability_scaling not in PROBABILITY_SCALINGS:
             fail("probability_scaling", f"one of {PROBABILITY_SCALINGS}")
+        if not isinstance(self.mapping, str) or self.mapping not in MAPPINGS_OPTIONS:
+            fail("mapping", f"one of {MAPPINGS_OPTIONS}")
+        if not is_int(self.mps_bond_dim) or self.mps_bond_dim < 1:
+            fail("mps_bond_dim", "an integer >= 1 (the bond dimension of mapping='mps')")
+        if self.mapping != "mps" and self.mps_bond_dim != 8:
+            raise ValueError(
+                f"{cls}.mps_bond_dim={self.mps_bond_dim} only applies to mapping='mps' (mapping is {self.mapping!r}); "
+                "set mapping='mps' or leave mps_bond_dim at its default, 8."
+            )
+        if not is_int(self.circuit_groups) or not 2 <= self.circuit_groups <= self.max_qubits:
+            fail(
+                "circuit_groups",
+                f"an integer in [2, max_qubits = {self.max_qubits}] (the sub-circuits of probability_input="
+                "'distributed': at least two, at most one per qubit)",
+            )
+        if self.probability_input != "distributed" and self.circuit_groups != 2:
+            raise ValueError(
+                f"{cls}.circuit_groups={self.circuit_groups} only applies to probability_input='distributed' "
+                f"(probability_input is {self.probability_input!r}); set probability_input='distributed' or leave "
+                "circuit_groups at its default, 2."
+            )
 
 
         # --- memory the values above commit to, before anything is allocated (the real N is checked again

@@ -31,7 +31,7 @@ from .backends import check_generator_memory, make_backend as make_config_backen
 from . import blockwise
 from .circuit import n_qubits_for
 from .config import GeneratorConfig
-from .features import FEATURE_SOURCES, PostProcessing, basis_bits
+from .features import FEATURE_SOURCES, BasisFeatures, PostProcessing, basis_bits
 from .mapping import MAPPINGS
 from .specs import TensorSpec, initial_values
 
@@ -53,6 +53,7 @@ class QPAGenerator(nn.Module):
         seed: seeds the source's parameters, the mapping and the specs' random inits.
         probability_input, freeze_angles: the feature source and its frozen-angles control (``docs/config.md``);
             ``source_options`` its own settings.
+        basis_features: what the mapping sees of each chunk's basis state (:meth:`basis_matrix`).
         mapping, mapping_options: the mapping (:data:`~peft_qpa.generator.mapping.MAPPINGS`) and its own settings
             (for ``"mlp"``, ``hidden_sizes`` and ``activation`` by default).
     """
@@ -63,7 +64,7 @@ class QPAGenerator(nn.Module):
                  max_qubits: int = 24, dtype: torch.dtype = torch.float32, init_weights: bool = True, seed: int = 0,
                  make_backend: Optional[Callable] = None, probability_input: str = "circuit",
                  freeze_angles: bool = False, probability_scaling: str = "none", source_options: Optional[dict] = None,
-                 mapping: str = "mlp", mapping_options: Optional[dict] = None):
+                 mapping: str = "mlp", mapping_options: Optional[dict] = None, basis_features: str = "bits"):
         super().__init__()
         _check_specs(specs)
         self.specs, self.chunk_size = list(specs), chunk_size
@@ -73,6 +74,7 @@ class QPAGenerator(nn.Module):
         if probability_input not in FEATURE_SOURCES:
             raise ValueError(f"probability_input must be one of {tuple(FEATURE_SOURCES)}, got {probability_input!r}.")
         self.depth, self.ansatz, self.probability_input = depth, ansatz, probability_input
+        self.basis = BasisFeatures(basis_features, seed)
         postprocessing = PostProcessing(prob_gamma, prob_beta, prob_alpha, prob_eps, probability_scaling)
         self.source = FEATURE_SOURCES[probability_input](self.n_qubits, depth, ansatz, self.n_chunks, postprocessing,
                                                          freeze_angles, **(source_options or {}))
@@ -81,7 +83,8 @@ class QPAGenerator(nn.Module):
         rng = torch.Generator().manual_seed(seed)
         for name, parameter in self.source.create_parameters(rng, dtype).items():
             self.register_parameter(name, parameter)
-        self.mapping = _mapping(mapping, self.n_qubits + self.source.width, chunk_size, dtype, seed,
+        in_features = self.basis.width(self.n_qubits) + self.source.width
+        self.mapping = _mapping(mapping, in_features, chunk_size, dtype, seed,
                                 {"hidden_sizes": tuple(hidden_sizes), "activation": activation}, mapping_options)
         for name, module in self.source.create_modules(make_backend).items():
             setattr(self, name, module)
@@ -104,19 +107,7 @@ class QPAGenerator(nn.Module):
         Checks first, before anything is allocated, that it fits the memory budget (``ValueError`` naming the
         field to lower; see ``docs/config.md``, "Memory caps")."""
         check_generator_memory(config, sum(s.numel for s in specs))
-        dtype = torch.float64 if config.simulator_dtype == "float64" else torch.float32
-        return cls(
-            specs, depth=config.qnn_depth, chunk_size=config.chunk_size, ansatz=config.ansatz,
-            hidden_sizes=tuple(config.mapping_hidden_sizes), activation=config.mapping_activation,
-            prob_gamma=config.prob_gamma, prob_beta=config.prob_beta, prob_alpha=config.prob_alpha,
-            prob_eps=config.prob_eps, max_qubits=config.max_qubits, dtype=dtype, init_weights=init_weights,
-            seed=config.seed, make_backend=functools.partial(make_config_backend, config, dtype=dtype),
-            probability_input=config.probability_input, freeze_angles=config.freeze_angles,
-            probability_scaling=getattr(config, "probability_scaling", "none"),
-            source_options=FEATURE_SOURCES[config.probability_input].options_from_config(config),
-            mapping=getattr(config, "mapping", "mlp"),
-            mapping_options=MAPPINGS[getattr(config, "mapping", "mlp")].options_from_config(config),
-        )
+        return cls(specs, init_weights=init_weights, **_config_kwargs(config))
 
     # --- the parts' settings, as earlier versions exposed them ------------------------------------------------
     @property
@@ -129,7 +120,8 @@ class QPAGenerator(nn.Module):
 
     # --- the pipeline -------------------------------------------------------------------------------------------
     def probabilities(self, step: Optional[int] = None) -> torch.Tensor:
-        """The 2^N basis-state probabilities the circuit gives (after interpolation, if any)."""
+        """The 2^N basis-state probabilities the circuit gives (after interpolation, if any); with
+        ``probability_input="multi_readout"`` a (K, 2^N) matrix, one row per readout setting."""
         return self.source.probabilities(self, int(self.step) if step is None else step)
 
     def postprocess(self, probs: torch.Tensor) -> torch.Tensor:
@@ -140,12 +132,19 @@ class QPAGenerator(nn.Module):
         """The feature source's ``(n_chunks, width)`` matrix at ``step``."""
         return self.source.features(self, step)
 
-    def mapping_input(self, features: torch.Tensor, rows: slice = slice(None), bits_rows: Optional[slice] = None):
-        """The mapping's input rows: each basis state's ±1 bits (rows ``bits_rows``, default ``rows``) beside its
-        features (rows ``rows`` of ``features``)."""
-        return torch.cat([self.basis_bits[rows if bits_rows is None else bits_rows], features[rows]], 1)
+    def basis_matrix(self, step: int, training: bool = False) -> torch.Tensor:
+        """Every chunk's basis features at ``step`` (see :class:`~peft_qpa.generator.features.BasisFeatures`)."""
+        return self.basis.matrix(self.basis_bits, step, training)
 
-    def _output(self, step: int, offset: Optional[torch.Tensor], sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    def mapping_input(self, features: torch.Tensor, rows: slice = slice(None), bits_rows: Optional[slice] = None,
+                      bits: Optional[torch.Tensor] = None):
+        """The mapping's input rows: each chunk's basis features (rows ``bits_rows``, default ``rows``, of ``bits``,
+        default the state's own bits) beside its features (rows ``rows`` of ``features``)."""
+        bits = self.basis_bits if bits is None else bits
+        return torch.cat([bits[rows if bits_rows is None else bits_rows], features[rows]], 1)
+
+    def _output(self, step: int, offset: Optional[torch.Tensor], sizes: tuple[int, ...],
+                training: bool = False) -> tuple[torch.Tensor, ...]:
         """The M generated numbers, centred, plus ``offset`` if given, cut into pieces of ``sizes``.
 
         The generator computes in its own dtype whatever autocast is active around it (TRL and the Trainer's bf16
@@ -153,9 +152,10 @@ class QPAGenerator(nn.Module):
         would not equal the base model, and the saved snapshot would depend on whether the last forward ran under
         autocast."""
         with torch.autocast(self.offset.device.type, enabled=False):
+            bits = self.basis_matrix(step, training)
             if self.num_generated >= blockwise.BLOCKWISE_MIN_GENERATED:
-                return blockwise.blockwise_output(self, self.features(step), offset, sizes)
-            flat = self._mapped(self.mapping_input(self.features(step)))
+                return blockwise.blockwise_output(self, self.features(step), offset, sizes, bits)
+            flat = self._mapped(self.mapping_input(self.features(step), bits=bits))
             if offset is not None:
                 flat = flat + offset
             return torch.split(flat, list(sizes)) if len(sizes) > 1 else (flat,)
@@ -181,14 +181,15 @@ class QPAGenerator(nn.Module):
         """Basis states per block of the blockwise path (see :mod:`peft_qpa.generator.blockwise`)."""
         return blockwise.block_rows(self)
 
-    def generate(self) -> torch.Tensor:
-        """The flat vector of M generated numbers (differentiable)."""
-        return self._output(int(self.step), self.offset, (self.num_generated,))[0]
+    def generate(self, training: bool = False) -> torch.Tensor:
+        """The flat vector of M generated numbers (differentiable). ``training``: a training generation (it draws
+        the random basis assignment of ``basis_features="shuffled"``; nothing else depends on it)."""
+        return self._output(int(self.step), self.offset, (self.num_generated,), training)[0]
 
-    def generate_pieces(self) -> dict[str, torch.Tensor]:
+    def generate_pieces(self, training: bool = False) -> dict[str, torch.Tensor]:
         """The generated tensors by name, as :meth:`split` of :meth:`generate` gives them. For large generators
         the backward then reads each piece's gradient where it lies: no M-sized concatenation of the gradients."""
-        pieces = self._output(int(self.step), self.offset, tuple(spec.numel for spec in self.specs))
+        pieces = self._output(int(self.step), self.offset, tuple(spec.numel for spec in self.specs), training)
         return {spec.name: piece.view(spec.shape) for spec, piece in zip(self.specs, pieces)}
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -228,7 +229,9 @@ class QPAGenerator(nn.Module):
     # --- reporting ------------------------------------------------------------------------------------------
     def circuit(self, bound: bool = True):
         """The Qiskit circuit: with the current angles bound (drawable: ``.circuit().draw()``), or with
-        ``bound=False`` its parameterized definition, which every backend runs."""
+        ``bound=False`` its parameterized definition, which every backend runs. With
+        ``probability_input="multi_readout"`` the shared body: readout k adds one RY layer
+        (``source.readout_bound_circuit(generator, k)``)."""
         return self.source.bound_circuit(self, bound)
 
     def num_trainable(self) -> int:
@@ -250,7 +253,7 @@ def _summary(generator: QPAGenerator, classical_parameters: Optional[int], class
         f"depth L: {generator.depth} ({generator.ansatz})",
         f"generated numbers M: {generator.num_generated} in chunks of {generator.chunk_size}",
         *generator.source.summary_lines(generator),
-        f"mapping MLP parameters: {mlp_params}",
+        f"mapping {getattr(generator.mapping, 'summary_name', 'MLP')} parameters: {mlp_params}",
     ]
     if gi_params:
         lines.append(f"interpolation network parameters: {gi_params}")
@@ -291,3 +294,21 @@ def _mapping(kind: str, in_features: int, chunk_size: int, dtype: torch.dtype, s
         raise ValueError(f"mapping must be one of {tuple(MAPPINGS)}, got {kind!r}.")
     merged = {**(mlp_options if kind == "mlp" else {}), **(options or {})}
     return MAPPINGS[kind](in_features, chunk_size, dtype, seed, **merged)
+
+
+def _config_kwargs(config: GeneratorConfig) -> dict:
+    """The generator's constructor arguments that ``config`` describes."""
+    dtype = torch.float64 if config.simulator_dtype == "float64" else torch.float32
+    mapping = getattr(config, "mapping", "mlp")
+    return dict(
+        depth=config.qnn_depth, chunk_size=config.chunk_size, ansatz=config.ansatz,
+        hidden_sizes=tuple(config.mapping_hidden_sizes), activation=config.mapping_activation,
+        prob_gamma=config.prob_gamma, prob_beta=config.prob_beta, prob_alpha=config.prob_alpha,
+        prob_eps=config.prob_eps, max_qubits=config.max_qubits, dtype=dtype, seed=config.seed,
+        make_backend=functools.partial(make_config_backend, config, dtype=dtype),
+        probability_input=config.probability_input, freeze_angles=config.freeze_angles,
+        probability_scaling=getattr(config, "probability_scaling", "none"),
+        basis_features=getattr(config, "basis_features", "bits"),
+        source_options=FEATURE_SOURCES[config.probability_input].options_from_config(config),
+        mapping=mapping, mapping_options=MAPPINGS[mapping].options_from_config(config),
+    )

@@ -148,6 +148,18 @@ def estimate_memory(
         ),
         "mapping_hidden_sizes": ("the mapping MLP's hidden layers", body),
     }
+    if getattr(config, "mapping", "mlp") == "mps":  # at most chi x chi bonds, one site per number of a row
+        chi, sites = int(config.mps_bond_dim), n_qubits + 1
+        body = (2 * sites + config.chunk_size) * chi * chi * itemsize * _PARAM_COPIES
+        body += n_chunks * (3 * chi * sites + chi * chi) * itemsize * _ACTIVATION_COPIES
+        terms = {
+            "chunk_size": ("the unused end of the last chunk", padding * itemsize * _OUTPUT_COPIES),
+            "mps_bond_dim": (
+                f"the MPS mapping's cores (its output core alone {chi * chi} x chunk_size weights in "
+                f"{config.simulator_dtype}, with gradients and Adam state) and their activations",
+                body,
+            ),
+        }
     if generated:
         field_name, what = config.generated_size_field, config.generated_size_what
         terms[field_name] = (
@@ -183,6 +195,8 @@ def check_memory(config: MemorySizes, num_generated: Optional[int] = None, shots
         "chunk_size": "Lower chunk_size (the circuit then gets more qubits instead; the default is 64)",
         "mapping_hidden_sizes": "Use smaller mapping_hidden_sizes (the QPA paper's: [32, 64, 128, 128, 64, 32])",
         "gi_hidden_sizes": "Use smaller gi_hidden_sizes (default [16, 16])",
+        "mps_bond_dim": "Lower mps_bond_dim (the default is 8) or chunk_size (the output core has mps_bond_dim^2 x "
+                        "chunk_size weights)",
         "shots": f"Lower shots (at most about {int(budget // AER_BYTES_PER_SHOT)} fit)",
         "shots_per_state": (
             "Lower shots_per_state (the QPA paper, arXiv:2410.09846, uses 20), set a total `shots` instead, or raise chunk_size for fewer "

@@ -130,18 +130,18 @@ class GeneratedCache:
         self._live = None
         consumed = functools.partial(_mark_live_consumed, weakref.ref(self))
         if reentrant_checkpointing:
-            generated = generator.generate()
+            generated = generator.generate(training=advance)
             flat = generated.detach().requires_grad_(True)
             flat.register_hook(functools.partial(_queue_backward, generated))
             self._live = generator.split(flat)
         elif generator.num_generated >= blockwise.BLOCKWISE_MIN_GENERATED:
             # One tensor per piece, each gradient read where it lies (no M-sized concatenation). Once a backward
             # has gone through them, their graph is freed: a layer called on its own after that gets new ones.
-            self._live = generator.generate_pieces()
+            self._live = generator.generate_pieces(training=advance)
             for piece in self._live.values():
                 piece.register_hook(consumed)
         else:
-            flat = generator.generate()
+            flat = generator.generate(training=advance)
             flat.register_hook(consumed)
             self._live = generator.split(flat)
         self._live_consumed = False

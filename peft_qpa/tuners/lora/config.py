@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
-from ...generator.config import GeneratorConfig, is_int, is_real
+from ...generator.config import PUBLISHED_GENERATOR, GeneratorConfig, is_int, is_real
 from ...peft_types import QPA, ensure_peft_type
 from ..config import QPATunerConfigMixin
 
@@ -68,6 +68,17 @@ class QPAConfig(QPATunerConfigMixin, GeneratorConfig, PeftConfig):
     _REAL_FIELDS = QPATunerConfigMixin._REAL_FIELDS + ("lora_alpha", "lora_dropout")
     _BOOL_FIELDS = QPATunerConfigMixin._BOOL_FIELDS + ("fan_in_fan_out", "init_weights", "use_dora")
     _LIST_FIELDS = QPATunerConfigMixin._LIST_FIELDS
+
+    @classmethod
+    def published(cls, **overrides) -> "QPAConfig":
+        """The configuration of the QPA paper's public code, in one step: LoRA r = 4, scale 2 (``lora_alpha=8``),
+        dropout 0.05 on the output head (``lm_head``), and the published generator
+        (:data:`~peft_qpa.generator.config.PUBLISHED_GENERATOR`: depth 8, chunks of 2048, an affine mapping,
+        shuffled basis bits). ``overrides`` replace any field (e.g. ``target_modules``, ``chunk_size``, ``seed``).
+        ``docs/config.md`` ("The published configuration") says where it differs from that code and why."""
+        fields = dict(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["lm_head"], **PUBLISHED_GENERATOR)
+        fields.update(overrides)
+        return cls(**fields)
 
     def __post_init__(self):
         self.peft_type = ensure_peft_type(QPA)
