@@ -108,6 +108,17 @@ class Spec:
     r: Optional[int] = None
     info: dict = field(default_factory=dict)
     angle_lr_scale: float = 1.0  # QPA: the circuit angles' lr = lr * angle_lr_scale
+    design: str = ""  # the generator design (gelu-bits, published-code, ...); "" : design_of() decides
+
+    @property
+    def design_name(self) -> str:
+        return self.design or design_of(self.method)
+
+
+def design_of(method: str) -> str:
+    """The design of a record made before designs were recorded: QPA members used today's default (a GELU MLP
+    with each state's own bits); classical methods have none."""
+    return "gelu-bits" if method.startswith("qpa") else "classical"
 
 
 def _lora(r, **kw):
@@ -148,6 +159,7 @@ def specs_for(regime: str, smoke: bool = False) -> dict[str, Spec]:
                                                                         scaling=150.0, init_weights=True), None, {"n_frequency": 12_000}),
         ]
         ablate = {"qpa_c256_L8": main, "qpa_c256_L8_std": {**main, **STD}}
+        s += design_specs(main)
     else:
         sizes = {  # (name, MLP hidden widths, chunk): ~2 %, 5 %, 10 % of LoRA r = 4's parameters on the top 8 layers
             "qpa_2pct": ([32, 32], 128),
@@ -209,6 +221,40 @@ class Job:
     lr_from: Optional[str] = None
 
 
+# Designs in which the circuit may carry the generated tensors (docs/config.md, "The published configuration"): the
+# authors' code (an affine mapping with shuffled bits), its deterministic equivalent (no bits), and each of its two
+# choices alone; each with the controls a reviewer asks for.
+PUBLISHED_MLP = [32, 64, 128, 128, 64, 32, 32]
+DESIGNS = {  # name: (design, generator fields)
+    "pub_affine_shuffled": ("published-code", dict(mapping_hidden_sizes=PUBLISHED_MLP, mapping_activation="none",
+                                                   basis_features="shuffled")),
+    "pub_affine_none": ("published-nobits", dict(mapping_hidden_sizes=PUBLISHED_MLP, mapping_activation="none",
+                                                 basis_features="none")),
+    "pub_affine_bits": ("affine-bits", dict(mapping_hidden_sizes=PUBLISHED_MLP, mapping_activation="none")),
+    "pub_gelu_none": ("gelu-nobits", dict(mapping_hidden_sizes=PUBLISHED_MLP, basis_features="none")),
+}
+DESIGN_CONTROLS = {  # suffix: (method, fields)
+    "const": ("qpa-ablation-const", dict(probability_input="constant")),
+    "frozen": ("qpa-ablation-frozen", dict(freeze_angles=True)),
+    "classical": ("qpa-ablation-classical", dict(probability_input="classical_twin")),
+}
+
+
+def design_specs(main: dict) -> list[Spec]:
+    """The designs of :data:`DESIGNS` at ``main``'s chunk size and depth, and their controls (the classical twin only
+    where this version of peft_qpa has it)."""
+    from peft_qpa.generator.config import PROBABILITY_INPUTS
+
+    out = []
+    for name, (design, fields) in DESIGNS.items():
+        kw = {**main, **fields}
+        out.append(Spec(name, "qpa", _qpa(**kw), 4, kw, design=design))
+        for suffix, (method, extra) in DESIGN_CONTROLS.items():
+            if extra.get("probability_input", "circuit") in PROBABILITY_INPUTS:
+                out.append(Spec(f"{name}__{suffix}", method, _qpa(**kw, **extra), 4, {**kw, **extra}, design=design))
+    return out
+
+
 def _grid(regime, budget, grids: dict) -> list[Job]:
     return [Job(name, regime, budget, (0,), tuple(lrs)) for name, lrs in grids.items()]
 
@@ -250,6 +296,10 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "lm_head_ablations_more": _reuse(lm, b, [f"qpa_c256_L8_std__{a}" for a in ABLATIONS_MORE], "qpa_c256_L8_std", (0,)),
         "lm_head_ablations_more_seeds": _reuse(lm, b, [f"qpa_c256_L8_std__{a}" for a in ABLATIONS_MORE], "qpa_c256_L8_std", (1, 2)),
         "lm_head_family": _reuse(lm, b, ["dora_r4"], "lora_r4") + _reuse(lm, b, ["qpa_dora_c256_L8_std"], "qpa_c256_L8_std"),
+        "lm_head_designs_grid": _grid(lm, b, {n: (1e-3, 3e-3, 1e-2, 3e-2) for n in DESIGNS}),
+        "lm_head_designs_seeds": _seeds(lm, b, list(DESIGNS)),
+        "lm_head_designs_controls": [j for n in ("pub_affine_shuffled", "pub_affine_none")
+                                     for j in _reuse(lm, b, [f"{n}__{c}" for c in DESIGN_CONTROLS], n)],
         "lm_head_budget": [Job(n, lm, 4 * b, (0,), lrs) for n, lrs in
                            {"lora_r4": (1e-3, 3e-3, 1e-2, 3e-2), "qpa_c256_L8_std": (1e-3, 3e-3, 1e-2)}.items()],
         "all_linear_grid": _grid(al, b, AL_GRID),
@@ -483,6 +533,7 @@ def train_one(regime: Regime, spec: Spec, lr: float, seed: int, budget: int, arg
         "kind": "run",
         "name": spec.name,
         "method": spec.method,
+        "design": spec.design_name,
         "regime": regime.name,
         "r": spec.r,
         "budget_tokens": steps * BATCH * block,
@@ -646,7 +697,8 @@ def summarize(runs: list[dict]) -> list[dict]:
         st = _stats([r["eval_ppl"] for r in at])
         first = at[0]
         out.append({
-            "regime": regime, "name": name, "method": first["method"], "r": first["r"], "budget_tokens": budget,
+            "regime": regime, "name": name, "method": first["method"],
+            "design": first.get("design") or design_of(first["method"]), "r": first["r"], "budget_tokens": budget,
             "trainable_params": first["trainable_params"], "lr": lr, "lr_grid": {f"{k:g}": seed0[k] for k in grid},
             "lr_interior": (len(grid) >= 3 and grid[0] < lr < grid[-1]) if len(grid) >= 3 else None,
             "seeds": sorted(r["seed"] for r in at), "eval_ppl_per_seed": [r["eval_ppl"] for r in sorted(at, key=lambda r: r["seed"])],

@@ -28,8 +28,9 @@ def _ids(seed=0):
     return torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(seed))
 
 
-def test_each_readout_equals_qiskit_statevector_of_its_bound_circuit():
-    g = make_generator(dtype=torch.float64)
+@pytest.mark.parametrize("ansatz", ["ry_cnot", "rx_cnot"])
+def test_each_readout_equals_qiskit_statevector_of_its_bound_circuit(ansatz):
+    g = make_generator(dtype=torch.float64, ansatz=ansatz)
     probs = g.probabilities().detach().numpy()
     assert probs.shape == (3, 2**g.n_qubits)
     for k in range(3):

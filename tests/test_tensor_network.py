@@ -299,3 +299,14 @@ def test_large_bond_dimension_is_refused_before_anything_is_allocated(monkeypatc
     with pytest.raises(ValueError, match=r"QPAConfig\.mps_bond_dim=20000 needs about .*Lower mps_bond_dim"):
         peft_qpa.QPAConfig(**SMALL, mapping="mps", mps_bond_dim=20000)
     assert math.isfinite(MPSMapping.parameter_count(25, 64, 8))
+
+
+def test_shot_budget_of_distributed_is_per_sub_circuit(monkeypatch):
+    from peft_qpa.generator.backends import check_generator_memory
+
+    monkeypatch.setenv("PEFT_QPA_MEMORY_BUDGET_GB", "0.05")
+    kwargs = dict(backend="aer_shots", shots_per_state=1000, chunk_size=8, mapping_hidden_sizes=[8])
+    num_generated = 8 * 600  # N = 10: one job of 1000 * 2^10 shots (131 MB) against two of 1000 * 2^5 (4 MB each)
+    with pytest.raises(ValueError, match="shots_per_state"):
+        check_generator_memory(GeneratorConfig(**kwargs), num_generated)
+    check_generator_memory(GeneratorConfig(**kwargs, probability_input="distributed"), num_generated)

@@ -103,7 +103,7 @@ def test_weights_generated_once_per_forward_and_cached_in_eval(arch, input_ids, 
     generator = model.base_model.get_generator()
     calls = []
     original = generator.generate
-    monkeypatch.setattr(generator, "generate", lambda: calls.append(1) or original())
+    monkeypatch.setattr(generator, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
     model.train()
     model(input_ids, labels=input_ids).loss.backward()
     assert len(calls) == 1  # one generation serves every adapted layer

@@ -259,6 +259,8 @@ def _summary(generator: QPAGenerator, classical_parameters: Optional[int], class
         lines.append(f"interpolation network parameters: {gi_params}")
     if generator.source.description:
         lines.append(generator.source.description)
+    if generator.basis.kind != "bits":
+        lines.append(f"basis features: {generator.basis.kind}")
     total = generator.num_trainable()
     lines.append(f"trainable total: {total}")
     if classical_parameters:

@@ -45,7 +45,10 @@ def check_generator_memory(config: GeneratorConfig, num_generated: int) -> None:
     if config.backend == "aer_shots":  # names shots/shots_per_state and N if the job alone is too big
         from .aer import resolve_shots
 
-        shots = resolve_shots(config.shots, config.shots_per_state, n_qubits)
+        job_qubits = n_qubits
+        if getattr(config, "probability_input", "circuit") == "distributed":  # one job per sub-circuit: the largest
+            job_qubits = -(-n_qubits // config.circuit_groups)
+        shots = resolve_shots(config.shots, config.shots_per_state, job_qubits)
     check_memory(config, num_generated=num_generated, shots=shots)
 
 
