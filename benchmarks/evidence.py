@@ -233,6 +233,16 @@ DESIGNS = {  # name: (design, generator fields)
     "pub_affine_bits": ("affine-bits", dict(mapping_hidden_sizes=PUBLISHED_MLP, mapping_activation="none")),
     "pub_gelu_none": ("gelu-nobits", dict(mapping_hidden_sizes=PUBLISHED_MLP, basis_features="none")),
 }
+# Designs in which the circuit carries more of the degrees of freedom, at 2-5 % of LoRA r = 4's parameters in
+# lm_head (affine mappings without bits unless named otherwise): K readout settings, the MPS mapping, the
+# distributed ansatz, a deep circuit.
+AFFINE_NOBITS = dict(mapping_activation="none", basis_features="none", mapping_hidden_sizes=[32])
+DESIGNS_MORE = {
+    "multi4_affine": ("multi-feature", dict(probability_input="multi_readout", readout_settings=4, **AFFINE_NOBITS)),
+    "mps4": ("mps-mapping", dict(mapping="mps", mps_bond_dim=4)),
+    "dist2_affine": ("distributed", dict(probability_input="distributed", circuit_groups=2, **AFFINE_NOBITS)),
+    "deep64_affine": ("deep", dict(**AFFINE_NOBITS, qnn_depth=64)),
+}
 DESIGN_CONTROLS = {  # suffix: (method, fields)
     "const": ("qpa-ablation-const", dict(probability_input="constant")),
     "frozen": ("qpa-ablation-frozen", dict(freeze_angles=True)),
@@ -246,7 +256,7 @@ def design_specs(main: dict) -> list[Spec]:
     from peft_qpa.generator.config import PROBABILITY_INPUTS
 
     out = []
-    for name, (design, fields) in DESIGNS.items():
+    for name, (design, fields) in {**DESIGNS, **DESIGNS_MORE}.items():
         kw = {**main, **fields}
         out.append(Spec(name, "qpa", _qpa(**kw), 4, kw, design=design))
         for suffix, (method, extra) in DESIGN_CONTROLS.items():
@@ -298,6 +308,8 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "lm_head_family": _reuse(lm, b, ["dora_r4"], "lora_r4") + _reuse(lm, b, ["qpa_dora_c256_L8_std"], "qpa_c256_L8_std"),
         "lm_head_designs_grid": _grid(lm, b, {n: (1e-3, 3e-3, 1e-2, 3e-2) for n in DESIGNS}),
         "lm_head_designs_seeds": _seeds(lm, b, list(DESIGNS)),
+        "lm_head_designs_more_grid": _grid(lm, b, {n: (1e-3, 3e-3, 1e-2, 3e-2) for n in DESIGNS_MORE}),
+        "lm_head_designs_more_seeds": _seeds(lm, b, list(DESIGNS_MORE)),
         "lm_head_designs_controls": [j for n in ("pub_affine_shuffled", "pub_affine_none")
                                      for j in _reuse(lm, b, [f"{n}__{c}" for c in DESIGN_CONTROLS], n)],
         "lm_head_budget": [Job(n, lm, 4 * b, (0,), lrs) for n, lrs in
