@@ -260,8 +260,12 @@ def design_specs(main: dict) -> list[Spec]:
         kw = {**main, **fields}
         out.append(Spec(name, "qpa", _qpa(**kw), 4, kw, design=design))
         for suffix, (method, extra) in DESIGN_CONTROLS.items():
-            if extra.get("probability_input", "circuit") in PROBABILITY_INPUTS:
-                out.append(Spec(f"{name}__{suffix}", method, _qpa(**kw, **extra), 4, {**kw, **extra}, design=design))
+            # The classical twin replaces a one-feature circuit: the K-feature and distributed designs get the
+            # constant and frozen controls only.
+            twin_fits = "probability_input" not in fields
+            if extra.get("probability_input", "circuit") in PROBABILITY_INPUTS and (suffix != "classical" or twin_fits):
+                cfg = {**kw, **extra}
+                out.append(Spec(f"{name}__{suffix}", method, _qpa(**cfg), 4, cfg, design=design))
     return out
 
 
@@ -765,6 +769,29 @@ def goals(rows: list[dict], bb: int = BASE_BUDGET) -> dict:
                     "difference": diff, "pooled_std": sd, "difference_in_pooled_std": diff / sd if sd > 0 else float("inf"),
                     "met": diff > 2 * sd}
     out["circuit_matters_const_control_worse_by_2std"] = checks
+    out["quantum_circuit_matters"] = quantum_checks(rows, bb)
+    return out
+
+
+def quantum_checks(rows: list[dict], bb: int = BASE_BUDGET) -> dict:
+    """Per design with all three controls at >= 2 seeds: "the circuit matters" (the constant control is worse than
+    the full config by more than 2 pooled seed stds) and "the quantum circuit matters" (so are the frozen random
+    circuit and the equal-size classical twin)."""
+    out = {}
+    for full in rows:
+        if "__" in full["name"] or full["budget_tokens"] != bb or full["n_seeds"] < 2:
+            continue
+        controls = {c: _find(rows, full["regime"], f"{full['name']}__{c}", bb) for c in ("const", "frozen", "classical")}
+        if not all(r is not None and r["n_seeds"] >= 2 for r in controls.values()):
+            continue
+        entry = {"design": full.get("design"), "full_ppl_mean": full["eval_ppl_mean"], "full_ppl_std": full["eval_ppl_std"]}
+        for c, r in controls.items():
+            sd, diff = _pooled(full, r), r["eval_ppl_mean"] - full["eval_ppl_mean"]
+            entry[c] = {"ppl_mean": r["eval_ppl_mean"], "ppl_std": r["eval_ppl_std"], "difference": diff,
+                        "difference_in_pooled_std": diff / sd if sd > 0 else float("inf"), "worse_by_2std": diff > 2 * sd}
+        entry["circuit_matters"] = entry["const"]["worse_by_2std"]
+        entry["quantum_circuit_matters"] = all(entry[c]["worse_by_2std"] for c in ("const", "frozen", "classical"))
+        out[f"{full['regime']}/{full['name']}"] = entry
     return out
 
 
@@ -935,11 +962,12 @@ def tables(report: dict) -> str:
         ref = _find(rows, regime, "lora_r4", bb)
         base = report["base"].get(regime, {}).get("eval_ppl", float("nan"))
         out += [f"#### {regime}: {bb:,} training tokens (base model {base:.2f})", "",
-                "| config | method | r | trainable params | % of LoRA r=4 | lr grid at seed 0 (held-out ppl) | lr | seeds | held-out ppl, mean ± std |",
-                "|---|---|---|---:|---:|---|---|---|---|"]
+                "| config | method | design | r | trainable params | % of LoRA r=4 | lr grid at seed 0 (held-out ppl) | lr | seeds | held-out ppl, mean ± std |",
+                "|---|---|---|---|---:|---:|---|---|---|---|"]
         for r in sorted(rs, key=lambda r: (r["trainable_params"], r["name"])):
             pct = f"{100 * r['trainable_params'] / ref['trainable_params']:.1f} %" if ref else ""
-            out.append(f"| {r['name']} | {r['method']} | {r['r'] if r['r'] is not None else ''} | {r['trainable_params']:,} | {pct} | "
+            out.append(f"| {r['name']} | {r['method']} | {r.get('design') or design_of(r['method'])} | "
+                       f"{r['r'] if r['r'] is not None else ''} | {r['trainable_params']:,} | {pct} | "
                        f"{_grid_text(r)} | {r['lr']:g}{' (edge)' if r['lr_interior'] is False else ''} | {len(r['seeds'])} | {_pm(r)} |")
         out.append("")
     abl = [r for r in rows if "__" in r["name"] and r["budget_tokens"] == bb]
@@ -956,6 +984,17 @@ def tables(report: dict) -> str:
             d = r["eval_ppl_mean"] - full["eval_ppl_mean"]
             z = f"{d:+.2f} / {sd:.2f} = {d / sd:+.1f}" if sd > 0 and math.isfinite(d) else f"{d:+.2f}"
             out.append(f"| {r['regime']} | {base} | {variant} | {r['method']} | {len(r['seeds'])} | {_pm(r)} | {_pm(full)} | {z} |")
+        out.append("")
+    quantum = (report.get("goals") or {}).get("quantum_circuit_matters") or {}
+    if quantum:
+        out += ["#### Does the circuit matter? Each design against its three controls", "",
+                "| regime / config | design | full config | constant | frozen circuit | classical twin | circuit matters | quantum circuit matters |",
+                "|---|---|---|---|---|---|---|---|"]
+        for key, e in sorted(quantum.items()):
+            cells = [f"{e[c]['ppl_mean']:.2f} ± {e[c]['ppl_std']:.2f} ({e[c]['difference_in_pooled_std']:+.1f} sd)"
+                     for c in ("const", "frozen", "classical")]
+            out.append(f"| {key} | {e['design']} | {e['full_ppl_mean']:.2f} ± {e['full_ppl_std']:.2f} | " + " | ".join(cells)
+                       + f" | {'yes' if e['circuit_matters'] else 'no'} | {'yes' if e['quantum_circuit_matters'] else 'no'} |")
         out.append("")
     gaps = report.get("budget_gaps") or []
     if gaps:
