@@ -176,9 +176,9 @@ def profile_step(model, optimizer, ids, top: int = 15) -> dict:
     gen = model.base_model.get_generator()
     original = gen.generate
 
-    def generate():
+    def generate(*args, **kwargs):
         with record_function("qpa.generator.forward"):
-            return original()
+            return original(*args, **kwargs)
 
     gen.generate = generate
     step = make_step(model, optimizer, ids)
