@@ -31,6 +31,8 @@ Commands (docs/quality.md):
     python benchmarks/evidence.py run lm_head_grid lm_head_seeds lm_head_ablations lm_head_family
     python benchmarks/evidence.py run all_linear_grid all_linear_seeds all_linear_ablations
     python benchmarks/evidence.py run lm_head_budget
+    python benchmarks/evidence.py run lm_head_designs_grid lm_head_designs_seeds lm_head_designs_controls
+    python benchmarks/evidence.py run lm_head_designs_more_grid lm_head_designs_more_seeds lm_head_designs_more_controls
     python benchmarks/evidence.py report
     python benchmarks/evidence.py tables                    # the markdown tables of docs/quality.md
     python benchmarks/evidence.py list                      # every group and its jobs
@@ -265,6 +267,8 @@ def design_specs(main: dict) -> list[Spec]:
             twin_fits = "probability_input" not in fields
             if extra.get("probability_input", "circuit") in PROBABILITY_INPUTS and (suffix != "classical" or twin_fits):
                 cfg = {**kw, **extra}
+                if "probability_input" in extra:  # the source's own settings go with the source it replaces
+                    cfg = {k: v for k, v in cfg.items() if k not in ("readout_settings", "circuit_groups")}
                 out.append(Spec(f"{name}__{suffix}", method, _qpa(**cfg), 4, cfg, design=design))
     return out
 
@@ -314,6 +318,9 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "lm_head_designs_seeds": _seeds(lm, b, list(DESIGNS)),
         "lm_head_designs_more_grid": _grid(lm, b, {n: (1e-3, 3e-3, 1e-2, 3e-2) for n in DESIGNS_MORE}),
         "lm_head_designs_more_seeds": _seeds(lm, b, list(DESIGNS_MORE)),
+        "lm_head_designs_more_controls": [j for n in ("mps4", "multi4_affine")
+                                          for j in _reuse(lm, b, [f"{n}__{c}" for c in DESIGN_CONTROLS
+                                                                  if f"{n}__{c}" in specs_for(lm, smoke)], n)],
         "lm_head_designs_controls": [j for n in ("pub_affine_shuffled", "pub_affine_none")
                                      for j in _reuse(lm, b, [f"{n}__{c}" for c in DESIGN_CONTROLS], n)],
         "lm_head_budget": [Job(n, lm, 4 * b, (0,), lrs) for n, lrs in
