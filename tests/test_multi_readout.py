@@ -11,7 +11,7 @@ from qiskit.quantum_info import Statevector
 import peft_qpa
 from peft_qpa.generator import GeneratorConfig, QPAGenerator, TensorSpec
 from peft_qpa.generator.backends.aer import AerProbabilities
-from tiny_models import tiny_llama
+from tiny_models import tiny_llama, train_steps
 
 SPECS = [TensorSpec("a", (4, 40), "kaiming_uniform"), TensorSpec("b", (30, 4), "zeros")]
 SMALL = dict(target_modules=["q_proj", "v_proj"], chunk_size=16, qnn_depth=2, mapping_hidden_sizes=[8], seed=0)
@@ -98,16 +98,7 @@ def test_tiny_llama_trains_saves_reloads_and_starts_at_the_base_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference, rtol=0, atol=1e-5)  # the zero start
     angles, readout = generator.angles.detach().clone(), generator.readout_angles.detach().clone()
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
+    losses = train_steps(model, ids, steps=8, lr=1e-2)
     assert losses[-1] < losses[0], losses
     assert not torch.equal(generator.angles, angles) and not torch.equal(generator.readout_angles, readout)
     with torch.no_grad():

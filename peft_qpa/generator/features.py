@@ -94,6 +94,35 @@ class PostProcessing:
         return x
 
 
+def _simulated_dtype(angles: torch.Tensor) -> torch.Tensor:
+    """A generator cast to half precision (autocast_adapter_dtype=False) still simulates in float32: complex half
+    amplitudes are barely supported and 2^N probabilities need the precision."""
+    return angles.float() if angles.dtype in (torch.float16, torch.bfloat16) else angles
+
+
+def _backend_for(circuit: QuantumCircuit, make_backend: Optional[Callable]) -> tuple[nn.Module, Optional[nn.Module]]:
+    """``(backend, interpolation or None)`` running ``circuit``: the configured one, or the exact simulator."""
+    return (ExactBackend(circuit), None) if make_backend is None else make_backend(circuit)
+
+
+def _backends_for(circuits: list[QuantumCircuit], make_backend: Optional[Callable], name: str) -> dict:
+    """One backend per circuit (``name``, a ModuleList) and one GI network per circuit (``interpolation``, a
+    ModuleList, or None without GI)."""
+    pairs = [_backend_for(circuit, make_backend) for circuit in circuits]
+    interpolations = [gi for _, gi in pairs]
+    has_gi = all(gi is not None for gi in interpolations)
+    return {name: nn.ModuleList([backend for backend, _ in pairs]),
+            "interpolation": nn.ModuleList(interpolations) if has_gi else None}
+
+
+def _run(backend: nn.Module, interpolation: Optional[nn.Module], angles: torch.Tensor, step: int) -> torch.Tensor:
+    """One circuit's probabilities: the backend's, with GI filling the unobserved states when shots were drawn."""
+    probs, counts = backend(angles, step)
+    if interpolation is not None and counts is not None:
+        probs = interpolation(probs, counts)
+    return probs
+
+
 class CircuitFeatures:
     """The method's source: the circuit's 2^N probabilities (from its backend, after generative interpolation if
     any), post-processed, one column. Parameters: ``angles``, uniform in [0, 2π) (a random product-of-rotations
@@ -123,9 +152,7 @@ class CircuitFeatures:
 
     def create_modules(self, make_backend: Optional[Callable]) -> dict[str, Optional[nn.Module]]:
         """``backend`` (``(angles, step) -> (probs, counts or None)``) and ``interpolation`` (GI, or None)."""
-        if make_backend is None:
-            return {"backend": ExactBackend(self.circuit), "interpolation": None}
-        backend, interpolation = make_backend(self.circuit)
+        backend, interpolation = _backend_for(self.circuit, make_backend)
         return {"backend": backend, "interpolation": interpolation}
 
     @property
@@ -145,15 +172,7 @@ class CircuitFeatures:
         return self.circuit.assign_parameters(dict(zip(circuit_parameters(self.circuit), values)))
 
     def probabilities(self, generator: nn.Module, step: int) -> torch.Tensor:
-        angles = generator.angles
-        if angles.dtype in (torch.float16, torch.bfloat16):
-            # A generator cast to half precision (autocast_adapter_dtype=False) still simulates in float32:
-            # complex half amplitudes are barely supported and 2^N probabilities need the precision.
-            angles = angles.float()
-        probs, counts = generator.backend(angles, step)
-        if generator.interpolation is not None and counts is not None:
-            probs = generator.interpolation(probs, counts)
-        return probs
+        return _run(generator.backend, generator.interpolation, _simulated_dtype(generator.angles), step)
 
     def features(self, generator: nn.Module, step: int) -> torch.Tensor:
         probs = generator.probabilities(step)[: self.n_chunks]
@@ -211,17 +230,7 @@ class MultiReadoutFeatures(CircuitFeatures):
     def create_modules(self, make_backend: Optional[Callable]) -> dict[str, Optional[nn.Module]]:
         """``readout_backends`` (one backend per readout setting, each running the readout circuit) and
         ``interpolation`` (one GI network per readout, or None)."""
-        backends, interpolations = [], []
-        for _ in range(self.readout_settings):
-            if make_backend is None:
-                backend, interpolation = ExactBackend(self.readout_circuit), None
-            else:
-                backend, interpolation = make_backend(self.readout_circuit)
-            backends.append(backend)
-            interpolations.append(interpolation)
-        has_gi = all(gi is not None for gi in interpolations)
-        return {"readout_backends": nn.ModuleList(backends),
-                "interpolation": nn.ModuleList(interpolations) if has_gi else None}
+        return _backends_for([self.readout_circuit] * self.readout_settings, make_backend, "readout_backends")
 
     @property
     def frozen_parameters(self) -> tuple[str, ...]:
@@ -258,16 +267,12 @@ class MultiReadoutFeatures(CircuitFeatures):
 
         Under shots, readout k samples with the step ``step * K + k``: each (step, readout) pair gets its own
         seed, so the K readouts' shot noise is not drawn from one stream."""
-        rows = []
-        for k, backend in enumerate(generator.readout_backends):
-            angles = self.readout_angle_vector(generator, k)
-            if angles.dtype in (torch.float16, torch.bfloat16):
-                angles = angles.float()  # as the circuit source: simulate in float32 at least
-            probs, counts = backend(angles, step * self.readout_settings + k)
-            if generator.interpolation is not None and counts is not None:
-                probs = generator.interpolation[k](probs, counts)
-            rows.append(probs)
-        return torch.stack(rows)
+        gi = generator.interpolation
+        return torch.stack([
+            _run(backend, gi[k] if gi is not None else None, _simulated_dtype(self.readout_angle_vector(generator, k)),
+                 step * self.readout_settings + k)
+            for k, backend in enumerate(generator.readout_backends)
+        ])
 
     def features(self, generator: nn.Module, step: int) -> torch.Tensor:
         """(n_chunks, K): column k is readout k's post-processed probabilities of the states used."""
@@ -379,9 +384,7 @@ class ClassicalTwinFeatures(CircuitFeatures):
 
     def probabilities(self, generator: nn.Module, step: int) -> torch.Tensor:
         """The twin's 2^N probabilities (exact: they sum to 1; ``step`` is unused, nothing is sampled)."""
-        weights = generator.twin_weights
-        if weights.dtype in (torch.float16, torch.bfloat16):
-            weights = weights.float()  # as the circuit source: 2^N probabilities need at least float32
+        weights = _simulated_dtype(generator.twin_weights)  # 2^N probabilities need at least float32
         n = self.n_qubits
         couplings = weights[n: n * (1 + self.rank)].view(self.rank, n)
         return torch.softmax(pairwise_log_weights(weights[:n], couplings), 0)
@@ -442,14 +445,7 @@ class DistributedFeatures(CircuitFeatures):
 
     def create_modules(self, make_backend: Optional[Callable]) -> dict[str, Optional[nn.Module]]:
         """``group_backends`` (one backend per group) and ``interpolation`` (one GI network per group, or None)."""
-        backends, interpolations = [], []
-        for qc in self.group_circuits:
-            backend, interpolation = (ExactBackend(qc), None) if make_backend is None else make_backend(qc)
-            backends.append(backend)
-            interpolations.append(interpolation)
-        has_gi = all(gi is not None for gi in interpolations)
-        return {"group_backends": nn.ModuleList(backends),
-                "interpolation": nn.ModuleList(interpolations) if has_gi else None}
+        return _backends_for(list(self.group_circuits), make_backend, "group_backends")
 
     @property
     def frozen_parameters(self) -> tuple[str, ...]:
@@ -469,16 +465,10 @@ class DistributedFeatures(CircuitFeatures):
 
     def group_probabilities(self, generator: nn.Module, step: int) -> list[torch.Tensor]:
         """Group g's 2^n_g probabilities (after its GI, if any), for every g."""
-        angles = generator.group_angles
-        if angles.dtype in (torch.float16, torch.bfloat16):
-            angles = angles.float()  # as the circuit source: simulate in float32 at least
-        marginals = []
-        for g, (backend, part) in enumerate(zip(generator.group_backends, torch.split(angles, self.group_parameters))):
-            probs, counts = backend(part, step * self.circuit_groups + g)
-            if generator.interpolation is not None and counts is not None:
-                probs = generator.interpolation[g](probs, counts)
-            marginals.append(probs)
-        return marginals
+        gi = generator.interpolation
+        parts = torch.split(_simulated_dtype(generator.group_angles), self.group_parameters)
+        return [_run(backend, gi[g] if gi is not None else None, part, step * self.circuit_groups + g)
+                for g, (backend, part) in enumerate(zip(generator.group_backends, parts))]
 
     def probabilities(self, generator: nn.Module, step: int) -> torch.Tensor:
         """The 2^N probabilities: the outer product of the groups' (group 0 varying fastest)."""
