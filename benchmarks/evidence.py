@@ -52,6 +52,7 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -188,6 +189,7 @@ def specs_for(regime: str, smoke: bool = False) -> dict[str, Spec]:
                                                                vector_length=192 if not smoke else 4, topk=2, vblora_dropout=0.0),
                  4, {"num_vectors": 32, "topk": 2}),
         ]
+        s += peer_specs(smoke) + design_specs_all_linear()
         ablate = {k: v for k, v in [("qpa_5pct", dict(mapping_hidden_sizes=[64, 64], chunk_size=192, qnn_depth=8)),
                                     ("qpa_5pct_std", dict(mapping_hidden_sizes=[64, 64], chunk_size=192, qnn_depth=8, **STD))]}
     # Ablations of the quantum part, at a QPA config (suffixes: const, frozen, L1, L2, rx, c1, c1_gi, c20, c20_gi).
@@ -262,15 +264,75 @@ def design_specs(main: dict) -> list[Spec]:
         kw = {**main, **fields}
         out.append(Spec(name, "qpa", _qpa(**kw), 4, kw, design=design))
         for suffix, (method, extra) in DESIGN_CONTROLS.items():
-            # The classical twin replaces a one-feature circuit: the K-feature and distributed designs get the
-            # constant and frozen controls only.
-            twin_fits = "probability_input" not in fields
+            # The classical twin replaces a one-feature circuit, the K-feature twin a K-readout one; the distributed
+            # design gets the constant and frozen controls only.
+            source = fields.get("probability_input", "circuit")
+            if suffix == "classical" and source == "multi_readout":
+                extra = {"probability_input": "multi_readout_twin"}
+            twin_fits = source in ("circuit", "multi_readout")
             if extra.get("probability_input", "circuit") in PROBABILITY_INPUTS and (suffix != "classical" or twin_fits):
                 cfg = {**kw, **extra}
-                if "probability_input" in extra:  # the source's own settings go with the source it replaces
+                if extra.get("probability_input") in ("constant", "classical_twin"):  # the replaced source's settings go
                     cfg = {k: v for k, v in cfg.items() if k not in ("readout_settings", "circuit_groups")}
                 out.append(Spec(f"{name}__{suffix}", method, _qpa(**cfg), 4, cfg, design=design))
     return out
+
+
+# all_linear: the designs at about 2 %, 5 % and 10 % of LoRA r = 4's parameters (325,632 on the top 8 layers) and the
+# authors' configuration at its own size (its fixed hidden stack alone is 38k numbers: 12.6 % at chunk 64).
+DESIGNS_AL = {  # name: (design, generator fields)
+    "pub_affine_shuffled": ("published-code", dict(DESIGNS["pub_affine_shuffled"][1], chunk_size=64, qnn_depth=8)),
+    "multi4_affine_2pct": ("multi-feature", dict(DESIGNS_MORE["multi4_affine"][1], chunk_size=192, qnn_depth=8)),
+    "multi4_affine_5pct": ("multi-feature", dict(DESIGNS_MORE["multi4_affine"][1], chunk_size=512, qnn_depth=8)),
+    "multi4_affine_10pct": ("multi-feature", dict(DESIGNS_MORE["multi4_affine"][1], chunk_size=960, qnn_depth=8)),
+    "mps4_5pct": ("mps-mapping", dict(DESIGNS_MORE["mps4"][1], chunk_size=1024, qnn_depth=8)),
+}
+
+
+def design_specs_all_linear() -> list[Spec]:
+    from peft_qpa.generator.config import PROBABILITY_INPUTS
+
+    out = []
+    for name, (design, kw) in DESIGNS_AL.items():
+        out.append(Spec(name, "qpa", _qpa(**kw), 4, kw, design=design))
+        for suffix, (method, extra) in DESIGN_CONTROLS.items():
+            source = kw.get("probability_input", "circuit")
+            extra = dict(extra)
+            if suffix == "classical" and source == "multi_readout":
+                extra["probability_input"] = "multi_readout_twin"  # the K-feature twin keeps readout_settings
+            elif suffix == "classical" and source != "circuit":
+                continue
+            if extra.get("probability_input", "circuit") not in PROBABILITY_INPUTS:
+                continue
+            cfg = {**kw, **extra}
+            if cfg.get("probability_input") == "constant":
+                cfg.pop("readout_settings", None)
+            out.append(Spec(f"{name}__{suffix}", method, _qpa(**cfg), 4, cfg, design=design))
+    return out
+
+
+def peer_specs(smoke: bool = False) -> list[Spec]:
+    """Classical peers at QPA's sizes in all_linear (<= 10 % of LoRA r = 4's parameters): VeRA on the top 4 of the 8
+    adapted layers (VeRA's per-output scaling vectors alone are 12.7 % on all 8), FourierFT, VB-LoRA, LoRA r = 1 on
+    the top 3 layers."""
+    from peft import FourierFTConfig, LoraConfig, VBLoRAConfig, VeraConfig
+
+    def top(c, k):  # the regime's target pattern, restricted to its top k layers
+        layers = re.search(r"\(([\d|]+)\)", c.targets)
+        kept = layers.group(1).split("|")[-k:]
+        return c.targets.replace(layers.group(0), "(" + "|".join(kept) + ")", 1)
+
+    return [
+        Spec("vera_r256_top4", "vera", lambda c: VeraConfig(r=256, target_modules=top(c, 4), vera_dropout=0.0,
+                                                            save_projection=False), 256, {"layers": "top 4"}),
+        Spec("fourierft_n500", "fourierft", lambda c: FourierFTConfig(n_frequency=500 if not smoke else 64, target_modules=c.targets,
+                                                                    scaling=150.0, init_weights=True), None, {"n_frequency": 500}),
+        Spec("vblora_nv16", "vblora", lambda c: VBLoRAConfig(r=4, target_modules=c.targets, num_vectors=16,
+                                                           vector_length=192 if not smoke else 4, topk=2, vblora_dropout=0.0),
+             4, {"num_vectors": 16, "topk": 2}),
+        Spec("lora_r1_top3", "lora", lambda c: LoraConfig(r=1, lora_alpha=2, target_modules=top(c, 3), lora_dropout=0.0), 1,
+             {"layers": "top 3"}),
+    ]
 
 
 def _grid(regime, budget, grids: dict) -> list[Job]:
@@ -301,6 +363,14 @@ AL_GRID = {
     "lora_r4": (1e-3, 3e-3, 1e-2, 3e-2),
     "qpa_5pct": (3e-3, 1e-2, 3e-2),
     "qpa_5pct_std": (3e-3, 1e-2, 3e-2),
+}
+
+
+AL_PEER_GRID = {
+    "lora_r1_top3": (3e-3, 1e-2, 3e-2),
+    "vblora_nv16": (3e-3, 1e-2, 3e-2),
+    "vera_r256_top4": (1e-2, 3e-2, 1e-1),
+    "fourierft_n500": (1.0, 3.0, 10.0),
 }
 
 
@@ -337,6 +407,15 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "all_linear_family_seeds": (_reuse(al, b, ["dora_r4"], "lora_r4", (2,)) + _reuse(al, b, ["qpa_dora_5pct_std"], "qpa_5pct_std", (2,))
                                     + _reuse(al, b, ["bottleneck_b16"], "lora_r4", (2,))
                                     + _reuse(al, b, ["qpa_bottleneck_b16"], "qpa_5pct_std", (2,))),
+        "all_linear_peers_grid": _grid(al, b, AL_PEER_GRID),
+        "all_linear_designs_grid": _grid(al, b, {n: (1e-3, 3e-3, 1e-2) for n in ("multi4_affine_5pct", "pub_affine_shuffled")}),
+        "all_linear_designs_seeds": _seeds(al, b, ["multi4_affine_5pct", "pub_affine_shuffled"]),
+        "all_linear_designs_controls": [j for n in ("multi4_affine_5pct", "pub_affine_shuffled")
+                                        for j in _reuse(al, b, [f"{n}__{c}" for c in DESIGN_CONTROLS
+                                                                if f"{n}__{c}" in specs_for(al, smoke)], n)],
+        "all_linear_peers_seeds": _seeds(al, b, list(AL_PEER_GRID)),
+        "all_linear_designs_sizes": (_grid(al, b, {n: (1e-3, 3e-3, 1e-2) for n in ("mps4_5pct", "multi4_affine_2pct", "multi4_affine_10pct")})
+                                     + _seeds(al, b, ["mps4_5pct", "multi4_affine_2pct", "multi4_affine_10pct"])),
         "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")
                             + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
     }
@@ -384,7 +463,7 @@ class Data:
 
 def load_data(args) -> Data:
     loaded, train_texts, eval_texts, split = load_model_and_texts(args, split_seed=0)
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = loaded.model.to(args.device), loaded.tokenizer
     blocks = tokenize_and_group(tok, train_texts, args.block_size, max_tokens=None)
     order = list(range(len(blocks)))
     random.Random(DATA_SEED).shuffle(order)
@@ -416,10 +495,10 @@ def _segment_states(model, source, rows, layer: int, cache_dir: Optional[Path], 
     states = []
     with torch.no_grad():
         for j in tqdm(range(0, len(rows), 8), desc=f"trunk states (layer {layer})", disable=not progress):
-            x = torch.tensor(rows[j : j + 8])
+            x = torch.tensor(rows[j : j + 8], device=model.device)
             out = trunk(input_ids=x, output_hidden_states=True)
             hs = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
-            states += [s.clone() for s in hs]
+            states += [s.float().cpu().clone() for s in hs]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(states, path.with_suffix(".tmp"))
@@ -537,7 +616,7 @@ def train_one(regime: Regime, spec: Spec, lr: float, seed: int, budget: int, arg
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr, warmup, steps) * g["scale"]
-        x = torch.tensor([rows[i] for i in order[step * BATCH : (step + 1) * BATCH]])
+        x = torch.tensor([rows[i] for i in order[step * BATCH : (step + 1) * BATCH]], device=args.device)
         loss = pm(input_ids=x, labels=x).loss
         if not torch.isfinite(loss):
             losses.append(float("nan"))
@@ -574,13 +653,14 @@ def train_one(regime: Regime, spec: Spec, lr: float, seed: int, budget: int, arg
         "wall_s": round(time.perf_counter() - t0, 1),
         "s_per_step": round(train_s / max(1, len(losses)), 3),
         "threads": torch.get_num_threads(),
+        "device": str(args.device),
     }
     return rec, pm
 
 
 def equivalence(regime: Regime, pm, args) -> dict:
     shell = pm.base_model.model
-    x = torch.tensor(regime.data.pool[:BATCH])
+    x = torch.tensor(regime.data.pool[:BATCH], device=args.device)
     pm.eval()
     with torch.no_grad():
         loss_c = float(pm(input_ids=x, labels=x).loss)
@@ -1036,6 +1116,7 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--hidden-cache", default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1, ... (the trunk cache stays on the CPU)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.hidden_cache is None:

@@ -11,6 +11,9 @@ config)``, ``PeftModel.from_pretrained`` and ``AutoPeftModel*`` work as for LoRA
 
 ``export(model, dir)`` writes a member's classical twin for plain PEFT (LoRA, DoRA, prefix tuning).
 
+``use_sampler(model, sampler)`` runs a ``backend="sampler"`` adapter's circuit on a Qiskit ``SamplerV2`` primitive
+(IBM hardware, Aer, another provider); ``estimate_cost`` and ``CostGuardCallback`` estimate and bound its device time.
+
 Every change the import makes to PEFT's own objects is listed in ``peft_qpa.patches`` (``PATCHES``).
 
 Layout: ``generator/`` (the circuit, its backends, the mapping MLP: usable alone), ``tuners/`` (the shared
@@ -19,6 +22,16 @@ assets and the perplexity evaluation).
 """
 
 from .apps.export import export, export_lora
+from .apps.hardware import (
+    CostEstimate,
+    CostGuardCallback,
+    DeviceBudgetError,
+    SamplerJobError,
+    SamplerNotAttachedError,
+    SamplerResultError,
+    estimate_cost,
+    use_sampler,
+)
 from .apps.hub import push_to_hub
 from .generator import GeneratorConfig, QPAGenerator, TensorSpec, build_ansatz, n_qubits_for
 from .generator.backends.aer import available_fake_backends
@@ -58,6 +71,9 @@ __all__ = [
     "BottleneckConfig",
     "BottleneckLayer",
     "BottleneckModel",
+    "CostEstimate",
+    "CostGuardCallback",
+    "DeviceBudgetError",
     "GeneratedTensor",
     "GeneratorConfig",
     "QPABaseLayer",
@@ -74,12 +90,17 @@ __all__ = [
     "QTConfig",
     "QTLayer",
     "QTModel",
+    "SamplerJobError",
+    "SamplerNotAttachedError",
+    "SamplerResultError",
     "TensorSpec",
     "available_fake_backends",
     "export",
     "build_ansatz",
+    "estimate_cost",
     "export_lora",
     "n_qubits_for",
     "push_to_hub",
     "register_qpa",
+    "use_sampler",
 ]

@@ -17,11 +17,17 @@ from .circuit import ANSATZES, MAX_QUBITS
 from .memory import check_memory
 
 # The options of the fields below, defined once (the backends and the generator import them from here).
-BACKENDS = ("statevector", "aer_statevector", "aer_shots")
+BACKENDS = ("statevector", "aer_statevector", "aer_shots", "sampler")
+# The backends that sample shots (shots/shots_per_state, shot_gradient and GI apply to them).
+SHOT_BACKENDS = ("aer_shots", "sampler")
+# Defaults of the sampler fields (a field left at its default is accepted with any backend).
+SAMPLER_DEFAULTS = {"sampler_optimization_level": 1, "sampler_twirling": False, "sampler_dynamical_decoupling": False,
+                    "sampler_retries": 3, "sampler_timeout_s": 600.0, "sampler_backoff_s": 2.0,
+                    "max_device_seconds": None, "sampler_backend_name": None}
 SHOT_GRADIENTS = ("exact", "parameter_shift")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
 DTYPES = ("float32", "float64")
-PROBABILITY_INPUTS = ("circuit", "constant", "multi_readout", "classical_twin", "distributed")
+PROBABILITY_INPUTS = ("circuit", "constant", "multi_readout", "classical_twin", "distributed", "multi_readout_twin")
 PROBABILITY_SCALINGS = ("none", "standardize")
 BASIS_FEATURES = ("bits", "shuffled", "none")
 MAPPINGS_OPTIONS = ("mlp", "mps")
@@ -194,18 +200,20 @@ class GeneratorConfig:
         metadata={
             "help": (
                 f"Where probabilities come from, one of {BACKENDS}: the exact statevector simulator in torch (default; "
-                "adjoint gradients, compiled CPU kernel where it can be built), Aer's statevector (parameter-shift gradients), or Aer shots (finite sampling, optional noise)."
+                "adjoint gradients, compiled CPU kernel where it can be built), Aer's statevector (parameter-shift gradients), Aer shots (finite sampling, optional noise), "
+                "or 'sampler': shots from a Qiskit SamplerV2 primitive (IBM hardware, Aer or another provider), attached with "
+                "peft_qpa.use_sampler(model, sampler)."
             )
         },
     )
     shots: Optional[int] = field(
         default=None,
         metadata={
-            "help": "Total shots per circuit for 'aer_shots' (>= 1; capped by memory, about 128 bytes per shot)."
+            "help": "Total shots per circuit for 'aer_shots' or 'sampler' (>= 1; capped by memory, about 128 bytes per shot)."
         },
     )
     shots_per_state: Optional[int] = field(
-        default=None, metadata={"help": "Shots per basis state c for 'aer_shots': c * 2^N shots (the QPA paper, arXiv:2410.09846, uses 20)."}
+        default=None, metadata={"help": "Shots per basis state c for 'aer_shots' or 'sampler': c * 2^N shots (the QPA paper, arXiv:2410.09846, uses 20)."}
     )
     shot_gradient: str = field(
         default="exact",
@@ -230,7 +238,7 @@ class GeneratorConfig:
         metadata={
             "help": (
                 "Generative interpolation (GI): estimate the probability of every unobserved basis state from its N "
-                "Hamming-distance-1 neighbours with a small trained network. Only with backend='aer_shots'."
+                "Hamming-distance-1 neighbours with a small trained network. Only with backend='aer_shots' or 'sampler'."
             )
         },
     )
@@ -240,6 +248,85 @@ class GeneratorConfig:
     aer_max_parallel_threads: int = field(
         default=1,
         metadata={"help": "Threads Aer may use (0 = all cores). Keep it low when torch also uses the cores."},
+    )
+    readout_mitigation: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Readout-error mitigation of the measured probabilities: the inverse of each measured qubit's 2x2 "
+                "readout confusion matrix (from the device), then the nearest probability vector. The mitigated "
+                "probabilities feed the generator; GI still sees the raw counts. Only with a noisy device: "
+                "backend='aer_shots' with a noise_model, or backend='sampler'."
+            )
+        },
+    )
+    # --- the sampler backend (docs/backends.md, "Sampler primitives: the hardware path") ---
+    sampler_optimization_level: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "With backend='sampler': the optimization level (0-3) of qiskit's generate_preset_pass_manager, which "
+                "transpiles the circuit once to the sampler's device (its ISA)."
+            )
+        },
+    )
+    sampler_twirling: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "With backend='sampler': turn on Pauli twirling of gates and measurements (options.twirling.enable_gates "
+                "and enable_measure) where the sampler has these options; a sampler without them logs a warning once."
+            )
+        },
+    )
+    sampler_dynamical_decoupling: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "With backend='sampler': turn on dynamical decoupling (options.dynamical_decoupling.enable) where the "
+                "sampler has this option; a sampler without it logs a warning once."
+            )
+        },
+    )
+    sampler_retries: int = field(
+        default=3,
+        metadata={
+            "help": (
+                "With backend='sampler': how often a failed or timed-out job is submitted again (>= 0) before the step "
+                "fails with a SamplerJobError."
+            )
+        },
+    )
+    sampler_timeout_s: float = field(
+        default=600.0,
+        metadata={"help": "With backend='sampler': seconds to wait for a job's result (> 0) before it counts as failed."},
+    )
+    sampler_backoff_s: float = field(
+        default=2.0,
+        metadata={
+            "help": (
+                "With backend='sampler': the wait before the first retry, in seconds (>= 0); it doubles at each further "
+                "retry (exponential backoff)."
+            )
+        },
+    )
+    max_device_seconds: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "With backend='sampler': the most estimated device time, in seconds (> 0), a run may use; a run or job "
+                "whose estimate would exceed it is refused (peft_qpa.estimate_cost gives the estimate). None: no limit."
+            )
+        },
+    )
+    sampler_backend_name: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "With backend='sampler': the name of the device the sampler runs on (e.g. 'fake_kyiv', 'aer_simulator'), "
+                "written by peft_qpa.use_sampler for the record and the model card. The sampler itself is never saved."
+            )
+        },
     )
     # --- controls for ablation studies (docs/config.md, "Controls") ---
     probability_input: str = field(
@@ -253,7 +340,9 @@ class GeneratorConfig:
                 "'classical_twin' (a control: a classical distribution over the basis states with the circuit's N * L "
                 "trainable parameters, in place of the circuit; backend 'statevector' only). With 'distributed', "
                 "circuit_groups smaller circuits replace the one circuit and each state's probability is the product "
-                "of theirs (arXiv:2409.06992)."
+                "of theirs (arXiv:2409.06992). 'multi_readout_twin' is the classical twin of 'multi_readout' (a "
+                "control: readout_settings classical distributions with the K-readout circuit's N * L + K * N "
+                "parameters; backend 'statevector' only)."
             )
         },
     )
@@ -262,7 +351,8 @@ class GeneratorConfig:
         metadata={
             "help": (
                 "With probability_input='multi_readout': K >= 2, the readout settings (measurement bases). The circuit "
-                "runs K times per step, and each basis state gets K probability features instead of one."
+                "runs K times per step, and each basis state gets K probability features instead of one. With "
+                "'multi_readout_twin': the K distributions of its classical twin."
             )
         },
     )
@@ -293,9 +383,11 @@ class GeneratorConfig:
     generated_size_hint = "Generate fewer numbers"
 
     _INT_FIELDS = ("qnn_depth", "chunk_size", "max_qubits", "seed", "shots", "shots_per_state", "aer_max_parallel_threads",
-                   "readout_settings", "mps_bond_dim", "circuit_groups")
-    _REAL_FIELDS = ("prob_gamma", "prob_beta", "prob_alpha", "prob_eps")
-    _BOOL_FIELDS = ("generative_interpolation", "freeze_angles")
+                   "readout_settings", "mps_bond_dim", "circuit_groups", "sampler_optimization_level", "sampler_retries")
+    _REAL_FIELDS = ("prob_gamma", "prob_beta", "prob_alpha", "prob_eps", "sampler_timeout_s", "sampler_backoff_s",
+                    "max_device_seconds")
+    _BOOL_FIELDS = ("generative_interpolation", "freeze_angles", "readout_mitigation", "sampler_twirling",
+                    "sampler_dynamical_decoupling")
     _LIST_FIELDS = ("mapping_hidden_sizes", "gi_hidden_sizes")
 
     def __post_init__(self):
@@ -386,14 +478,20 @@ class GeneratorConfig:
             fail("shots_per_state", "None or an integer >= 1")
         if self.shots is not None and self.shots_per_state is not None:
             raise ValueError(f"{cls}: set either shots or shots_per_state, not both.")
-        if self.backend == "aer_shots" and self.shots is None and self.shots_per_state is None:
-            raise ValueError(f"{cls}.backend='aer_shots' needs shots or shots_per_state (e.g. shots_per_state=20).")
-        if self.backend != "aer_shots" and (self.shots is not None or self.shots_per_state is not None):
+        if self.backend in SHOT_BACKENDS and self.shots is None and self.shots_per_state is None:
+            raise ValueError(f"{cls}.backend={self.backend!r} needs shots or shots_per_state (e.g. shots_per_state=20).")
+        if self.backend not in SHOT_BACKENDS and (self.shots is not None or self.shots_per_state is not None):
             raise ValueError(
-                f"{cls}.shots/shots_per_state only apply to backend='aer_shots' (backend is {self.backend!r})."
+                f"{cls}.shots/shots_per_state only apply to backend='aer_shots' or 'sampler' (backend is {self.backend!r})."
             )
         if not isinstance(self.shot_gradient, str) or self.shot_gradient not in SHOT_GRADIENTS:
             fail("shot_gradient", f"one of {SHOT_GRADIENTS}")
+        if self.noise_model is not None and self.backend == "sampler":
+            raise ValueError(
+                f"{cls}.noise_model does not apply to backend='sampler': the noise is the sampler's device's. For a "
+                "noisy simulation through a sampler, attach qiskit_aer.primitives.SamplerV2.from_backend(device) (or a "
+                "qiskit_ibm_runtime SamplerV2 on a fake device), or use backend='aer_shots' with this noise_model."
+            )
         if self.noise_model is not None and self.backend == "statevector":
             raise ValueError(
                 f"{cls}.noise_model needs an Aer backend: 'aer_shots' (noisy sampling) or 'aer_statevector' "
@@ -410,10 +508,21 @@ class GeneratorConfig:
                     "None, a fake IBM device name such as 'fake_kyiv' (peft_qpa.available_fake_backends() "
                     "lists them) or a qiskit_aer.noise.NoiseModel",
                 )
-        if self.generative_interpolation and self.backend != "aer_shots":
+        if self.generative_interpolation and self.backend not in SHOT_BACKENDS:
             raise ValueError(
-                f"{cls}.generative_interpolation=True only applies to backend='aer_shots': exact probabilities "
-                "have no unobserved states to interpolate."
+                f"{cls}.generative_interpolation=True only applies to backend='aer_shots' or 'sampler': exact "
+                "probabilities have no unobserved states to interpolate."
+            )
+        self._validate_sampler_fields()
+        if self.readout_mitigation and not (
+            self.backend == "sampler" or (self.backend == "aer_shots" and self.noise_model is not None)
+        ):
+            noise = self.noise_model if self.noise_model is None or isinstance(self.noise_model, str) else "a NoiseModel"
+            raise ValueError(
+                f"{cls}.readout_mitigation=True corrects the readout error of a noisy device, so it needs "
+                "backend='aer_shots' with a noise_model (e.g. noise_model='fake_kyiv', shots_per_state=20) or "
+                f"backend='sampler'; got backend={self.backend!r} and noise_model={noise!r}. Set those, or "
+                "leave readout_mitigation=False."
             )
         if not isinstance(self.gi_hidden_sizes, list) or not all(is_int(h) and h >= 1 for h in self.gi_hidden_sizes):
             fail("gi_hidden_sizes", "a list of integers >= 1 ([] makes the GI network a single linear layer)")
@@ -421,17 +530,18 @@ class GeneratorConfig:
             fail("aer_max_parallel_threads", "an integer >= 0")
         if not isinstance(self.probability_input, str) or self.probability_input not in PROBABILITY_INPUTS:
             fail("probability_input", f"one of {PROBABILITY_INPUTS}")
-        if self.probability_input == "classical_twin" and self.backend != "statevector":
+        if self.probability_input in ("classical_twin", "multi_readout_twin") and self.backend != "statevector":
             raise ValueError(
-                f"{cls}.probability_input='classical_twin' runs no circuit, so backend={self.backend!r} does not "
+                f"{cls}.probability_input={self.probability_input!r} runs no circuit, so backend={self.backend!r} does not "
                 "apply: the twin's probabilities are exact, with no shots to sample and no noise. Leave backend at "
                 "'statevector' (the default)."
             )
         if not is_int(self.readout_settings) or self.readout_settings < 2:
             fail("readout_settings", "an integer >= 2 (the number of readout settings K of probability_input='multi_readout')")
-        if self.probability_input != "multi_readout" and self.readout_settings != 2:
+        if self.probability_input not in ("multi_readout", "multi_readout_twin") and self.readout_settings != 2:
             raise ValueError(
                 f"{cls}.readout_settings={self.readout_settings} only applies to probability_input='multi_readout' "
+                "(or its classical twin, 'multi_readout_twin') "
                 f"(probability_input is {self.probability_input!r}); set probability_input='multi_readout' or leave "
                 "readout_settings at its default, 2."
             )
@@ -463,6 +573,39 @@ class GeneratorConfig:
         # --- memory the values above commit to, before anything is allocated (the real N is checked again
         # when the generator is built: peft_qpa.generator.backends.check_generator_memory)
         check_memory(self)
+
+    def _validate_sampler_fields(self) -> None:
+        """The fields of backend='sampler' (each refused with another backend unless left at its default)."""
+        fail, cls = self._fail, type(self).__name__
+        level = self.sampler_optimization_level
+        if not is_int(level) or not 0 <= level <= 3:
+            fail("sampler_optimization_level", "an integer in [0, 3] (generate_preset_pass_manager's levels)")
+        if not is_int(self.sampler_retries) or self.sampler_retries < 0:
+            fail("sampler_retries", "an integer >= 0 (0: a failed job fails the step at once)")
+        if not is_real(self.sampler_timeout_s) or self.sampler_timeout_s <= 0:
+            fail("sampler_timeout_s", "a finite number of seconds > 0")
+        if not is_real(self.sampler_backoff_s) or self.sampler_backoff_s < 0:
+            fail("sampler_backoff_s", "a finite number of seconds >= 0 (0: retry at once)")
+        limit = self.max_device_seconds
+        if limit is not None and (not is_real(limit) or limit <= 0):
+            fail("max_device_seconds", "None (no limit) or a finite number of seconds > 0")
+        name = self.sampler_backend_name
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            fail("sampler_backend_name", "None or a device name (peft_qpa.use_sampler writes it)")
+        if self.backend != "sampler":
+            changed = [n for n, default in SAMPLER_DEFAULTS.items() if getattr(self, n) != default]
+            if changed:
+                raise ValueError(
+                    f"{cls}.{changed[0]}={getattr(self, changed[0])!r} only applies to backend='sampler' (backend is "
+                    f"{self.backend!r}); set backend='sampler' or leave {changed[0]} at its default, "
+                    f"{SAMPLER_DEFAULTS[changed[0]]!r}."
+                )
+        elif getattr(self, "save_generated_tensors", True) is False:
+            raise ValueError(
+                f"{cls}.save_generated_tensors=False does not apply to backend='sampler': a device's shots cannot be "
+                "drawn again when the adapter is loaded, so the adapter must hold its generated tensors. Leave "
+                "save_generated_tensors=True."
+            )
 
     def to_dict(self) -> dict:
         """JSON-safe dict: a NoiseModel object is stored as its serialized form, never pickled."""

@@ -390,6 +390,65 @@ class ClassicalTwinFeatures(CircuitFeatures):
         return torch.softmax(pairwise_log_weights(weights[:n], couplings), 0)
 
 
+class MultiReadoutTwinFeatures(ClassicalTwinFeatures):
+    """The classical twin of :class:`MultiReadoutFeatures` (a control, ``probability_input='multi_readout_twin'``):
+    K classical distributions with as many trainable numbers as the K-readout circuit, N·L (body) + K·N (readout
+    layers).
+
+    Readout k's distribution is the twin's Boltzmann distribution with its own fields added,
+    p_k(b) = softmax_b(Σ_q (h_q + g_kq) b_q + ½ Σ_j (u_j·b)²): the shared fields h and coupling vectors u_j play
+    the circuit body (N·L numbers, as :class:`ClassicalTwinFeatures` matches them), and each readout's N fields g_k
+    play its RY layer. ``twin_weights`` holds h, the u_j, then g_1..g_K; the readout fields start normal with the
+    spread of the shared fields, so the K distributions differ from the start as the K random readout bases do.
+    The same post-processing and K feature columns as the circuit."""
+
+    description = ("probability input: multi_readout_twin (control: K classical distributions as large as the "
+                   "K-readout circuit; no circuit runs)")
+
+    def __init__(self, n_qubits: int, depth: int, ansatz: str, n_chunks: int, postprocessing: PostProcessing,
+                 frozen: bool = False, readout_settings: int = 2):
+        super().__init__(n_qubits, depth, ansatz, n_chunks, postprocessing, frozen)
+        if isinstance(readout_settings, bool) or not isinstance(readout_settings, int) or readout_settings < 2:
+            raise ValueError(f"readout_settings must be an integer >= 2, got {readout_settings!r}.")
+        self.readout_settings = readout_settings
+        self.width = readout_settings
+        self.body_parameters = self.num_parameters
+        self.num_parameters += readout_settings * n_qubits
+
+    @classmethod
+    def options_from_config(cls, config) -> dict:
+        return {"readout_settings": config.readout_settings}
+
+    def create_parameters(self, rng: torch.Generator, dtype: torch.dtype) -> dict[str, nn.Parameter]:
+        body = super().create_parameters(rng, dtype)["twin_weights"].data
+        n, k = self.n_qubits, self.readout_settings
+        readout = torch.randn(k * n, generator=rng, dtype=dtype) * (TWIN_INIT_SPREAD / math.sqrt(n))
+        return {"twin_weights": nn.Parameter(torch.cat([body, readout]))}
+
+    def summary_lines(self, generator: nn.Module) -> list[str]:
+        frozen = " (frozen: the freeze_angles control, a frozen random twin)" if self.frozen else ""
+        n, k = self.n_qubits, self.readout_settings
+        return [
+            f"classical twin parameters: {generator.twin_weights.numel()}, the K-readout circuit's N·L + K·N = "
+            f"{self.circuit_parameters} + {k}·{n} it replaces{frozen}",
+            f"classical twin: {k} Boltzmann distributions over {n} bits sharing rank-{self.rank} pairwise couplings, "
+            f"each with its own {n} fields",
+        ]
+
+    def probabilities(self, generator: nn.Module, step: int) -> torch.Tensor:
+        """(K, 2^N): row k is distribution k (exact; ``step`` is unused)."""
+        weights = _simulated_dtype(generator.twin_weights)
+        n, k = self.n_qubits, self.readout_settings
+        fields = weights[:n]
+        couplings = weights[n: n * (1 + self.rank)].view(self.rank, n)
+        readout = weights[self.body_parameters:].view(k, n)
+        return torch.stack([torch.softmax(pairwise_log_weights(fields + readout[j], couplings), 0) for j in range(k)])
+
+    def features(self, generator: nn.Module, step: int) -> torch.Tensor:
+        """(n_chunks, K), as :meth:`MultiReadoutFeatures.features`."""
+        return MultiReadoutFeatures.features(self, generator, step)
+
+
 class DistributedFeatures(CircuitFeatures):
     """The distributed circuit ansatz of Liu, Lin and Chen, "Quantum-Train with Tensor Network Mapping Model and
     Distributed Circuit Ansatz" (ICASSP 2025, arXiv:2409.06992): G = ``circuit_groups`` small circuits instead of one
@@ -480,5 +539,6 @@ class DistributedFeatures(CircuitFeatures):
 
 
 FEATURE_SOURCES = {"circuit": CircuitFeatures, "constant": ConstantFeatures, "multi_readout": MultiReadoutFeatures,
-                   "classical_twin": ClassicalTwinFeatures, "distributed": DistributedFeatures}
+                   "classical_twin": ClassicalTwinFeatures, "distributed": DistributedFeatures,
+                   "multi_readout_twin": MultiReadoutTwinFeatures}
 assert tuple(FEATURE_SOURCES) == PROBABILITY_INPUTS

@@ -177,6 +177,16 @@ class QPAGenerator(nn.Module):
         """The M raw numbers (centred mapping output, without the offset)."""
         return self._output(step, None, (self.num_generated,))[0]
 
+    @torch.no_grad()
+    def anchor_offset(self, target: torch.Tensor, with_gradient: bool = False) -> None:
+        """Move the zero start: set the offset so that the output at the current step is ``target`` (the raw output
+        is computed again, e.g. by a sampler backend just attached in place of its construction placeholder). With
+        ``with_gradient`` the raw output is computed with autograd on, so that a backend that samples its gradient in
+        the same job (parameter shift) does so now, and the training step at this step reuses that job."""
+        with torch.set_grad_enabled(with_gradient):
+            raw = self._raw_output(int(self.step))
+        self.offset.copy_(target.to(self.offset.device, self.offset.dtype) - raw.detach())
+
     def block_rows(self) -> int:
         """Basis states per block of the blockwise path (see :mod:`peft_qpa.generator.blockwise`)."""
         return blockwise.block_rows(self)
@@ -261,11 +271,23 @@ def _summary(generator: QPAGenerator, classical_parameters: Optional[int], class
         lines.append(generator.source.description)
     if generator.basis.kind != "bits":
         lines.append(f"basis features: {generator.basis.kind}")
+    cost = _sampler_cost(generator)
+    if cost is not None:
+        lines.append(f"sampler: {cost.line()}")
     total = generator.num_trainable()
     lines.append(f"trainable total: {total}")
     if classical_parameters:
         lines.append(f"ratio to {classical_name}: {total / classical_parameters:.2%} ({total} / {classical_parameters})")
     return "\n".join(lines)
+
+
+def _sampler_cost(generator: QPAGenerator):
+    """The per-step cost estimate of a generator with sampler backends (None without: Aer is not imported then)."""
+    if not any(type(m).__name__ == "SamplerProbabilities" for m in generator.modules()):
+        return None
+    from .backends.sampler import generator_cost
+
+    return generator_cost(generator)
 
 
 def _check_specs(specs: list[TensorSpec]) -> None:

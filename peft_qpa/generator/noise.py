@@ -2,6 +2,9 @@
 
 A leaf: it imports nothing of peft_qpa, and Qiskit Aer and ``qiskit_ibm_runtime`` only inside functions, so a
 config can be checked and saved without loading the simulator.
+
+``qiskit_ibm_runtime`` (the offline fake IBM devices) is an optional dependency, the ``ibm`` extra: asking for a
+device without it raises an ``ImportError`` that says ``pip install "peft-qpa[ibm]"`` (:func:`fake_provider`).
 """
 
 from __future__ import annotations
@@ -23,17 +26,41 @@ def _snake_name(class_name: str) -> str:
     return "fake_" + re.sub(r"(?<!^)(?=[A-Z])", "_", stem).lower()
 
 
+IBM_EXTRA_HINT = 'pip install "peft-qpa[ibm]"'
+
+
+def require_ibm_runtime(what: str = "The offline fake IBM devices"):
+    """The ``qiskit_ibm_runtime`` module, or an ``ImportError`` saying that ``what`` needs the ``ibm`` extra."""
+    try:
+        import qiskit_ibm_runtime
+    except ImportError as error:
+        raise ImportError(
+            f"{what} need qiskit-ibm-runtime, an optional dependency of peft-qpa that is not installed. Install it "
+            f"with: {IBM_EXTRA_HINT} (or pip install qiskit-ibm-runtime)."
+        ) from error
+    return qiskit_ibm_runtime
+
+
+def fake_provider():
+    """``qiskit_ibm_runtime.fake_provider`` (the offline fake IBM devices), or an ``ImportError`` naming the extra."""
+    require_ibm_runtime("The offline fake IBM devices (a device name as noise_model, available_fake_backends())")
+    from qiskit_ibm_runtime import fake_provider as provider
+
+    return provider
+
+
 @functools.lru_cache(maxsize=None)
 def available_fake_backends() -> dict[str, str]:
     """Offline fake IBM devices: snake-case name (``"fake_kyiv"``) -> class name in
-    ``qiskit_ibm_runtime.fake_provider``. Only names are read here; nothing is instantiated."""
-    from qiskit_ibm_runtime import fake_provider
+    ``qiskit_ibm_runtime.fake_provider``. Only names are read here; nothing is instantiated. Needs the ``ibm``
+    extra (``pip install "peft-qpa[ibm]"``): without it, an ``ImportError`` says so."""
+    provider = fake_provider()
 
     names = {}
-    for attr in dir(fake_provider):
+    for attr in dir(provider):
         if not attr.startswith("Fake") or attr.startswith("FakeProvider"):
             continue
-        obj = getattr(fake_provider, attr)
+        obj = getattr(provider, attr)
         if isinstance(obj, type):
             names[_snake_name(attr)] = attr
     return dict(sorted(names.items()))
@@ -52,6 +79,13 @@ def resolve_fake_backend_name(name: str) -> str:
             "qiskit_aer.noise.NoiseModel, or None for no noise."
         )
     return key
+
+
+@functools.lru_cache(maxsize=8)
+def load_fake_backend(name: str):
+    """Instantiate (once per process) the fake device called ``name`` (e.g. ``"fake_kyiv"``; case and surrounding
+    spaces ignored). Needs the ``ibm`` extra."""
+    return getattr(fake_provider(), available_fake_backends()[resolve_fake_backend_name(name)])()
 
 
 def is_noise_model(value: Any) -> bool:

@@ -30,6 +30,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..generator import QPAGenerator, TensorSpec
+from . import distributed
 from .cache import GeneratedCache
 from .forward import ForwardHooksMixin
 from .state import GENERATOR_SUFFIX, AdapterStateMixin
@@ -238,7 +239,7 @@ class QPABaseModel(ReplacesTargets, AdapterStateMixin, ForwardHooksMixin, BaseTu
             )
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         # Generate once per forward of the whole model, before any (checkpointed) layer runs.
-        self._forward_hook_handle = self.model.register_forward_pre_hook(self._begin_forward)
+        self._forward_hook_handle = self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
         self._forward_end_hook_handle = self.model.register_forward_hook(self._end_forward)
         # Make the saved snapshot match the current generator whenever a state dict is taken.
         self.register_state_dict_pre_hook(self._refresh_before_state_dict)
@@ -317,6 +318,8 @@ class QPABaseModel(ReplacesTargets, AdapterStateMixin, ForwardHooksMixin, BaseTu
                 names[tensor.name] = full
             layer._qpa_tensor_names[adapter_name] = names
         generator = QPAGenerator.from_config(config, specs, init_weights=getattr(config, "init_weights", True))
+        # FSDP must leave the generator whole on every rank (tuners/distributed.py)
+        distributed.keep_whole(generator)
         device = _base_parameter(layers[0][1]).device
         # Under low_cpu_mem_usage (accelerate's init_empty_weights) the parameters are created on the meta device
         # and only materialized by the checkpoint that is loaded next; like PEFT's layers, leave them there.

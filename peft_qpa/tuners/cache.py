@@ -28,6 +28,7 @@ import torch
 
 from ..generator import QPAGenerator
 from ..generator import blockwise
+from . import distributed
 
 
 def _tensor_versions(module: torch.nn.Module) -> tuple:
@@ -70,12 +71,32 @@ class GeneratedCache:
         self._snapshot_state: Optional[tuple] = None  # the generator's fingerprint when the snapshot was written
         self._snapshot_checked: Optional[tuple] = None  # versions at the last check within a whole-model forward
         self._warned_non_finite = False
+        # Under FSDP the generator stays whole on every rank and its gradients are averaged by us (distributed.py):
+        # whether that is on, over which process group (None: the default one), and whether this backward's
+        # all-reduce is already queued.
+        self._sync_gradients = False
+        self._sync_group = None
+        self._sync_queued = False
 
     def __getstate__(self):
-        # Live tensors belong to one forward's autograd graph: never copy or pickle them.
+        # Live tensors belong to one forward's autograd graph: never copy or pickle them. A process group belongs to
+        # this process: a copy attaches again at its first forward under FSDP.
         state = self.__dict__.copy()
         state["_live"] = None
+        state["_sync_gradients"], state["_sync_group"], state["_sync_queued"] = False, None, False
         return state
+
+    # --- several ranks (FSDP) -----------------------------------------------------------------------------------
+    @property
+    def syncs_gradients(self) -> bool:
+        """Whether each backward ends with an all-reduce (mean) of the generator's gradients (FSDP, see
+        ``distributed.py``)."""
+        return self._sync_gradients
+
+    def sync_gradients(self, group=None) -> None:
+        """Average the generator's gradients over ``group`` (None: the default process group) at the end of every
+        backward that reaches it: the generator is a replica that no data-parallel wrapper synchronises."""
+        self._sync_gradients, self._sync_group, self._sync_queued = True, group, False
 
     # --- once per forward of the whole model ------------------------------------------------------------------
     def _needs_grad(self) -> bool:
@@ -129,22 +150,30 @@ class GeneratedCache:
         # and holding them here too would put two generations (2 M numbers) in memory at once.
         self._live = None
         consumed = functools.partial(_mark_live_consumed, weakref.ref(self))
+        self._sync_queued = False  # a backward that failed half-way must not leave the next one unsynchronised
         if reentrant_checkpointing:
             generated = generator.generate(training=advance)
             flat = generated.detach().requires_grad_(True)
             flat.register_hook(functools.partial(_queue_backward, generated))
             self._live = generator.split(flat)
+            roots = (flat,)
         elif generator.num_generated >= blockwise.BLOCKWISE_MIN_GENERATED:
             # One tensor per piece, each gradient read where it lies (no M-sized concatenation). Once a backward
             # has gone through them, their graph is freed: a layer called on its own after that gets new ones.
             self._live = generator.generate_pieces(training=advance)
             for piece in self._live.values():
                 piece.register_hook(consumed)
+            roots = tuple(self._live.values())
         else:
             flat = generator.generate(training=advance)
             flat.register_hook(consumed)
             self._live = generator.split(flat)
+            roots = (flat,)
         self._live_consumed = False
+        if self._sync_gradients:
+            sync = functools.partial(distributed.queue_gradient_sync, weakref.ref(self))
+            for tensor in roots:
+                tensor.register_hook(sync)
         if advance:
             with torch.no_grad():
                 generator.step += 1
@@ -157,6 +186,7 @@ class GeneratedCache:
         saving and exporting use it, as they are rare and must never write a stale snapshot)."""
         if not self.targets or any(p.is_meta for p in self.generator.parameters()):
             return
+        distributed.refuse_sharded(self.generator, self.member, self.adapter_name)
         state = _fingerprint(self.generator)
         if not force and _same_fingerprint(self._snapshot_state, state):
             return
@@ -177,6 +207,7 @@ class GeneratedCache:
         Returns ``(max |difference|, tolerance, numbers beyond it, numbers compared)``. The tolerance allows float
         rounding between machines (thread counts, compiled kernel or not): 1e-3 of the largest snapshot value in
         float32/float64, 1e-2 in half precision."""
+        distributed.refuse_sharded(self.generator, self.member, self.adapter_name)
         tensors = self.generator.split(self.generator.generate())
         pairs = [(buffers[key], tensors[name]) for name, (buffers, key) in self.targets.items()]
         if not pairs:

@@ -30,8 +30,10 @@ def card_facts(config, generator, classical_parameters: int, tuner=None) -> dict
         "backend": config.backend,
         "shots": config.shots,
         "shots_per_state": config.shots_per_state,
+        "sampler_backend_name": getattr(config, "sampler_backend_name", None),
         "noise_model": config.noise_model if isinstance(config.noise_model, (str, type(None))) else "custom NoiseModel",
         "generative_interpolation": config.generative_interpolation,
+        "readout_mitigation": getattr(config, "readout_mitigation", False),
         "trainable_parameters": trainable,
         "classical_parameters": classical_parameters,
         "ratio": trainable / classical_parameters,
@@ -40,9 +42,13 @@ def card_facts(config, generator, classical_parameters: int, tuner=None) -> dict
 
 def _section(facts: dict, base_model: str | None) -> str:
     shots = "exact probabilities"
-    if facts["backend"] == "aer_shots":
+    if facts["backend"] in ("aer_shots", "sampler"):
         shots = f"{facts['shots']} shots" if facts["shots"] else f"{facts['shots_per_state']} shots per basis state"
+    if facts["backend"] == "sampler":
+        shots += f"; device: {facts.get('sampler_backend_name') or 'none attached'}"
     noise = facts["noise_model"] or "none"
+    if facts.get("readout_mitigation"):
+        noise += " (readout error mitigated)"
     base = base_model or "BASE_MODEL"
     return f"""{SECTION_START}
 ## Quantum Parameter Adaptation (QPA)

@@ -2,7 +2,10 @@
 :class:`~peft_qpa.generator.GeneratorConfig`.
 
 * ``statevector`` (:mod:`.statevector`, with the compiled CPU kernel of :mod:`.fused_kernel`): exact, in torch.
-* ``aer_statevector`` and ``aer_shots`` (:mod:`.aer`): Qiskit Aer, exact or sampled, optionally noisy.
+* ``aer_statevector`` and ``aer_shots`` (:mod:`.aer`): Qiskit Aer, exact or sampled, optionally noisy, with
+  optional readout-error mitigation of the sampled probabilities (:mod:`.mitigation`).
+* ``sampler`` (:mod:`.sampler`): shots from a Qiskit ``SamplerV2`` primitive (hardware), attached after
+  construction with ``peft_qpa.use_sampler``.
 
 Every backend is a module mapping ``(angles, step)`` to ``(probabilities, counts or None)`` and runs the one
 Qiskit definition of the circuit it is given.
@@ -42,7 +45,7 @@ def check_generator_memory(config: GeneratorConfig, num_generated: int) -> None:
     if n_qubits > config.max_qubits:
         return  # QPAGenerator refuses it with its own message (the smallest chunk_size that fits)
     shots = None
-    if config.backend == "aer_shots":  # names shots/shots_per_state and N if the job alone is too big
+    if config.backend in ("aer_shots", "sampler"):  # names shots/shots_per_state and N if the job alone is too big
         from .aer import resolve_shots
 
         job_qubits = n_qubits
@@ -58,6 +61,26 @@ def make_backend(config: GeneratorConfig, circuit: QuantumCircuit, dtype: torch.
         return ExactBackend(circuit), None
     from .aer import AerProbabilities, resolve_shots
 
+    if config.backend == "sampler":
+        from .sampler import SamplerProbabilities
+
+        backend = SamplerProbabilities(
+            circuit,
+            shots=resolve_shots(config.shots, config.shots_per_state, circuit.num_qubits),
+            shot_gradient=config.shot_gradient,
+            seed=config.seed,
+            dtype=dtype,
+            optimization_level=config.sampler_optimization_level,
+            twirling=config.sampler_twirling,
+            dynamical_decoupling=config.sampler_dynamical_decoupling,
+            retries=config.sampler_retries,
+            timeout_s=config.sampler_timeout_s,
+            backoff_s=config.sampler_backoff_s,
+            max_device_seconds=config.max_device_seconds,
+            readout_mitigation=config.readout_mitigation,
+        )
+        return backend, _interpolation(config, circuit, dtype)
+
     shots = resolve_shots(config.shots, config.shots_per_state, circuit.num_qubits) if config.backend == "aer_shots" else None
     backend = AerProbabilities(
         circuit,
@@ -68,10 +91,15 @@ def make_backend(config: GeneratorConfig, circuit: QuantumCircuit, dtype: torch.
         seed=config.seed,
         max_parallel_threads=config.aer_max_parallel_threads,
         dtype=dtype,
+        readout_mitigation=config.readout_mitigation,
     )
-    interpolation = None
-    if config.generative_interpolation:
-        from ..interpolation import GenerativeInterpolation
+    return backend, _interpolation(config, circuit, dtype)
 
-        interpolation = GenerativeInterpolation(circuit.num_qubits, list(config.gi_hidden_sizes), seed=config.seed).to(dtype)
-    return backend, interpolation
+
+def _interpolation(config: GeneratorConfig, circuit: QuantumCircuit, dtype: torch.dtype):
+    """The GI network of ``circuit`` when the config asks for one, else None."""
+    if not config.generative_interpolation:
+        return None
+    from ..interpolation import GenerativeInterpolation
+
+    return GenerativeInterpolation(circuit.num_qubits, list(config.gi_hidden_sizes), seed=config.seed).to(dtype)

@@ -17,6 +17,10 @@ states (Qiskit little-endian order: bit q of the index is qubit q) through a cus
   ``"parameter_shift"`` samples the 2P shifted circuits with the same shot budget in the same job (what
   hardware would do); ``"exact"`` is a straight-through estimator: the backward pass uses the exact,
   noiseless statevector Jacobian (computed by torch autograd), the forward pass the sampled frequencies.
+  ``readout_mitigation=True`` (with a noise model) returns readout-error-mitigated frequencies
+  (:mod:`.mitigation`: per-qubit inverse confusion matrices, then the nearest probability vector) and the raw
+  counts; a parameter-shift Jacobian gets the same linear unmixing (the projection is treated as the identity
+  there), the straight-through gradient is unchanged.
 
 Noise (``noise_model``): the snake-case name of an offline fake IBM device from
 ``qiskit_ibm_runtime.fake_provider`` (see :func:`available_fake_backends`), a
@@ -28,7 +32,6 @@ not. Readout error is included (via ``measure`` for shots, via confusion matrice
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -44,11 +47,14 @@ from ..config import BACKENDS, SEED_MAX, SHOT_GRADIENTS
 from ..memory import AER_BYTES_PER_SHOT, _format_bytes, memory_budget
 from ..noise import (  # noqa: F401  (the names, re-exported here beside the devices they name)
     available_fake_backends,
+    load_fake_backend,
     noise_model_from_dict,
     noise_model_from_json,
     noise_model_to_json,
     resolve_fake_backend_name,
 )
+from .mitigation import PROJECTIONS, apply_readout_error, inverse_matrices, project_to_simplex
+from .mitigation import readout_matrices_from_noise_model as _readout_matrices  # its old name here
 
 logger = logging.get_logger(__name__)
 
@@ -61,14 +67,6 @@ MAX_DENSITY_MATRIX_QUBITS = 12
 # --------------------------------------------------------------------------------------------------
 # Fake devices and noise models
 # --------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=8)
-def load_fake_backend(name: str):
-    """Instantiate (once per process) the fake device called ``name`` (e.g. ``"fake_kyiv"``)."""
-    from qiskit_ibm_runtime import fake_provider
-
-    return getattr(fake_provider, available_fake_backends()[resolve_fake_backend_name(name)])()
 
 
 def _sub_target(target, physical_qubits: set[int]):
@@ -143,46 +141,6 @@ def _shift_rule_holds(transpiled: QuantumCircuit) -> bool:
                 if seen[p] > 1 or abs(abs(coeff) - 1.0) > 1e-12:
                     return False
     return True
-
-
-def _readout_matrices(model: NoiseModel, physical_qubits: list[int]) -> list[np.ndarray | None]:
-    """Per logical qubit, the 2x2 readout matrix R[true, measured] of its physical qubit (None = ideal).
-
-    Only uncorrelated single-qubit readout errors can be applied to exact probabilities."""
-    default = None
-    specific: dict[int, np.ndarray] = {}
-    for error in model.to_dict()["errors"]:
-        if error["type"] != "roerror":
-            continue
-        matrix = np.asarray(error["probabilities"], dtype=np.float64)
-        if matrix.shape != (2, 2):
-            raise ValueError(
-                "The noise model has a correlated multi-qubit readout error, which the exact "
-                "(density-matrix) path cannot apply; use backend='aer_shots' for this noise model."
-            )
-        if "gate_qubits" not in error:
-            default = matrix
-        else:
-            for (q,) in error["gate_qubits"]:
-                specific[int(q)] = matrix
-    return [specific.get(p, default) for p in physical_qubits]
-
-
-def apply_readout_error(probs: np.ndarray, matrices: list[np.ndarray | None]) -> np.ndarray:
-    """Apply independent per-qubit readout errors to probability vectors ``probs[..., 2^N]``.
-
-    ``matrices[q][a, b]`` = P(measure b | qubit q is in a). Linear, so it is applied to the shifted
-    probabilities of a parameter-shift Jacobian as well."""
-    n = len(matrices)
-    lead = probs.shape[:-1]
-    out = probs.reshape(lead + (2,) * n)
-    # Qubit q is bit q of the index, i.e. axis (len(lead) + n - 1 - q) of the reshaped array.
-    for q, matrix in enumerate(matrices):
-        if matrix is None:
-            continue
-        axis = len(lead) + n - 1 - q
-        out = np.moveaxis(np.tensordot(out, matrix, axes=([axis], [0])), -1, axis)
-    return out.reshape(probs.shape)
 
 
 def resolve_shots(shots: int | None, shots_per_state: float | None, n_qubits: int) -> int:
@@ -301,6 +259,8 @@ class AerProbabilities(torch.nn.Module):
         seed: int,
         max_parallel_threads: int = 1,
         dtype: torch.dtype = torch.float32,
+        readout_mitigation: bool = False,
+        mitigation_projection: str = "nearest",
     ):
         super().__init__()
         if backend not in AER_BACKENDS:
@@ -317,6 +277,15 @@ class AerProbabilities(torch.nn.Module):
         if max_parallel_threads < 0:  # 0 = Aer's own default: all cores
             raise ValueError(f"max_parallel_threads must be >= 0 (0 = all cores), got {max_parallel_threads}.")
         _check_seed(seed)
+        if not isinstance(readout_mitigation, bool):
+            raise ValueError(f"readout_mitigation must be True or False, got {readout_mitigation!r}.")
+        if readout_mitigation and (backend != "aer_shots" or noise_model is None):
+            raise ValueError(
+                "readout_mitigation=True corrects a noisy device's readout error in sampled frequencies: it needs "
+                f"backend='aer_shots' and a noise_model (got backend={backend!r}, noise_model={noise_model!r})."
+            )
+        if mitigation_projection not in PROJECTIONS:
+            raise ValueError(f"mitigation_projection must be one of {PROJECTIONS}, got {mitigation_projection!r}.")
         if circuit.num_clbits:
             raise ValueError("Pass the unmeasured ansatz circuit; AerProbabilities adds the measurements.")
 
@@ -335,6 +304,10 @@ class AerProbabilities(torch.nn.Module):
         self.noise_model_spec = noise_model
         self._exact_sim = None
         self._readout = None  # per-logical-qubit readout matrices (exact noisy path only)
+        self.readout_mitigation = readout_mitigation
+        self.mitigation_projection = mitigation_projection
+        self.readout_matrices = None  # per-logical-qubit R[true, measured] (noisy shots with mitigation)
+        self._unmixing = None  # their inverses
         self._shift_rule_ok = True
 
         noisy = noise_model is not None
@@ -380,6 +353,9 @@ class AerProbabilities(torch.nn.Module):
             body.add_register(ClassicalRegister(self.n_qubits, "meas"))
             body.barrier()
             body.measure(layout, list(range(self.n_qubits)))
+            if readout_mitigation:  # the same restricted model Aer samples with gives the matrices
+                self.readout_matrices = _readout_matrices(noise, layout)
+                self._unmixing = inverse_matrices(self.readout_matrices)
         else:
             body.save_probabilities(qubits=layout)
             if noisy:  # save_probabilities excludes readout error: apply it afterwards
@@ -440,7 +416,14 @@ class AerProbabilities(torch.nn.Module):
             if self._readout is not None:
                 probs = apply_readout_error(probs, self._readout)
         jacobian = (probs[1 : 1 + self.num_angles] - probs[1 + self.num_angles :]) / 2 if shift else None
-        return probs[0], (counts[0] if counts is not None else None), jacobian
+        out = probs[0]
+        if self._unmixing is not None:
+            # Unmixing is linear: the shift-rule Jacobian of the unmixed probabilities is the unmixed Jacobian. The
+            # projection onto the simplex is applied to the forward output only (identity in the backward pass).
+            out = project_to_simplex(apply_readout_error(out, self._unmixing), self.mitigation_projection)
+            if jacobian is not None:
+                jacobian = apply_readout_error(jacobian, self._unmixing)
+        return out, (counts[0] if counts is not None else None), jacobian
 
     def forward(self, angles: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if angles.shape != (self.num_angles,):
@@ -453,4 +436,5 @@ class AerProbabilities(torch.nn.Module):
         return (
             f"n_qubits={self.n_qubits}, backend={self.backend!r}, shots={self.shots}, "
             f"shot_gradient={self.shot_gradient!r}, noise_model={noise!r}, threads={self.max_parallel_threads}"
+            + (", readout_mitigation=True" if self.readout_mitigation else "")
         )
