@@ -408,7 +408,8 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
                                     + _reuse(al, b, ["bottleneck_b16"], "lora_r4", (2,))
                                     + _reuse(al, b, ["qpa_bottleneck_b16"], "qpa_5pct_std", (2,))),
         "all_linear_peers_grid": _grid(al, b, AL_PEER_GRID),
-        "all_linear_designs_grid": _grid(al, b, {n: (1e-3, 3e-3, 1e-2) for n in ("multi4_affine_5pct", "pub_affine_shuffled")}),
+        "all_linear_designs_grid": _grid(al, b, {"multi4_affine_5pct": (1e-3, 3e-3, 1e-2, 3e-2),  # 1e-2 was the edge
+                                                 "pub_affine_shuffled": (1e-3, 3e-3, 1e-2)}),
         "all_linear_designs_seeds": _seeds(al, b, ["multi4_affine_5pct", "pub_affine_shuffled"]),
         "all_linear_designs_controls": [j for n in ("multi4_affine_5pct", "pub_affine_shuffled")
                                         for j in _reuse(al, b, [f"{n}__{c}" for c in DESIGN_CONTROLS

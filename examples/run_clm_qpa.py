@@ -224,7 +224,10 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, save_embedding_layers=False)
+        # Under FSDP the Trainer passes the gathered full state dict (FULL_STATE_DICT): the adapter's entries are taken
+        # from it. A QPA generator is whole on every rank, but a plain LoRA baseline's weights are sharded.
+        kwargs = {} if state_dict is None else {"state_dict": state_dict}
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, save_embedding_layers=False, **kwargs)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -381,6 +384,9 @@ def main(argv=None):
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume)
+        if trainer.is_fsdp_enabled:
+            # FSDP: save_model() writes an adapter only from a full state dict (gathered on every rank)
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model()  # adapter + tokenizer into output_dir
         metrics = dict(train_result.metrics)
         metrics["train_samples"] = len(train_dataset)

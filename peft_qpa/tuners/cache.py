@@ -31,6 +31,12 @@ from ..generator import blockwise
 from . import distributed
 
 
+def on_meta(module: torch.nn.Module) -> bool:
+    """Whether any parameter or buffer of ``module`` is on the meta device: nothing can be generated yet (e.g. FSDP's
+    memory-efficient loading moves the model to meta and re-registers non-persistent buffers only after the load)."""
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
 def _tensor_versions(module: torch.nn.Module) -> tuple:
     """Identity and in-place version of every parameter and buffer: cheap enough to check at every layer of a
     forward. In-place updates (optimizer steps, load_state_dict) bump a tensor's version counter (``_version``, which
@@ -184,7 +190,7 @@ class GeneratedCache:
     def refresh(self, force: bool = False) -> None:
         """Regenerate the snapshot buffers if the generator changed since they were written (always with ``force``:
         saving and exporting use it, as they are rare and must never write a stale snapshot)."""
-        if not self.targets or any(p.is_meta for p in self.generator.parameters()):
+        if not self.targets or on_meta(self.generator):
             return
         distributed.refuse_sharded(self.generator, self.member, self.adapter_name)
         state = _fingerprint(self.generator)

@@ -108,9 +108,8 @@ def refuse_sharded(generator: nn.Module, member: str, adapter_name: str) -> None
     raise RuntimeError(
         f"{member} adapter '{adapter_name}': FSDP sharded the generator's parameters ({', '.join(sharded[:3])}"
         f"{' ...' if len(sharded) > 3 else ''}). The generator must stay whole on every rank: every adapted layer reads "
-        "its output, and saving, exporting and evaluating regenerate from it, often on one rank. peft_qpa keeps it out "
-        "of FSDP by itself; here that did not happen (fully_shard was applied to the generator, or this torch version "
-        "ignores peft_qpa's mark). Do not apply fully_shard to the generator, and exclude it explicitly: "
+        "its output, and saving, exporting and evaluating regenerate from it, often on one rank. peft_qpa marks it so "
+        "that FSDP leaves it out; this torch version did not honour the mark. Exclude the generator explicitly: "
         "fully_shard(model, ignored_params=set(model.base_model.qpa_generator.parameters())) with FSDP2, "
         "FullyShardedDataParallel(model, ignored_modules=[model.base_model.qpa_generator]) with FSDP1 (use the "
         "generator attribute of your method, e.g. qt_generator). peft_qpa then averages its gradients across ranks."

@@ -8,6 +8,7 @@ taken, the load cross-check, adapters saved without their generated tensors, and
 from __future__ import annotations
 
 from ..generator import QPAGenerator
+from .cache import on_meta
 
 GENERATOR_SUFFIX = "generator"
 
@@ -41,8 +42,8 @@ class AdapterStateMixin:
                     missing[:] = [k for k in missing if not (k.endswith(offset_key)
                                                              or any(k.endswith(key) for key in snapshot_keys))]
                 continue
-            if any(p.is_meta for p in generator.parameters()):
-                continue
+            if on_meta(generator):
+                continue  # nothing can be generated yet (parameters or buffers still on meta): the next use refreshes
             generator_loaded = not any(f"{self.generator_attr}.{adapter_name}." in k for k in missing)
             cache = self._caches()[adapter_name]
             if generator_loaded:

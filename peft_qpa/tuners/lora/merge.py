@@ -74,9 +74,10 @@ class LoraMerge:
                 factor = self._dora_factor_view(self.magnitude(active_adapter, tensors) / weight_norm)
                 merged = (factor * (weight + delta)).to(weight.dtype)
             else:
-                delta = self._delta(tensors[self.A.name], tensors[self.B.name], active_adapter, weight.dtype)
-                if safe_merge:
-                    merged = weight.clone() + delta
+                dtype = self._sum_dtype(weight, tensors)
+                delta = self._delta(tensors[self.A.name], tensors[self.B.name], active_adapter, dtype)
+                if safe_merge or dtype != weight.dtype:
+                    merged = weight.to(dtype) + delta
                 else:
                     weight += delta
                     merged = weight
@@ -100,11 +101,20 @@ class LoraMerge:
             delta = self._delta_in(tensors, adapter_name, compute_dtype(weight.dtype, torch.float32))
             factor = self._dora_factor_view(self.magnitude(adapter_name, tensors) / record["weight_norm"])
             return (weight / factor - delta).to(weight.dtype)
-        delta = self._delta(tensors[self.A.name], tensors[self.B.name], adapter_name, weight.dtype)
-        if in_place:
+        dtype = self._sum_dtype(weight, tensors)
+        delta = self._delta(tensors[self.A.name], tensors[self.B.name], adapter_name, dtype)
+        if in_place and dtype == weight.dtype:
             weight -= delta
             return weight
-        return weight - delta
+        return weight.to(dtype) - delta
+
+    def _sum_dtype(self, weight: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.dtype:
+        """The dtype a LoRA merge adds the delta in: the base weight's, as PEFT's LoRA; for a quantized base layer
+        (bitsandbytes, HQQ, ...) the promotion of the dequantized weight's and the adapter's, as PEFT's quantized LoRA
+        layers do before requantizing (bitsandbytes' CPU path dequantizes 4-bit weights to bfloat16, say)."""
+        if self.quantization_backend is None:
+            return weight.dtype
+        return torch.promote_types(weight.dtype, tensors[self.A.name].dtype)
 
     def _unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The base weight without the adapters merged so far (computed on a copy; the layer is not touched)."""
