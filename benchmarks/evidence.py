@@ -308,6 +308,11 @@ def design_specs_all_linear() -> list[Spec]:
             if cfg.get("probability_input") == "constant":
                 cfg.pop("readout_settings", None)
             out.append(Spec(f"{name}__{suffix}", method, _qpa(**cfg), 4, cfg, design=design))
+    # The constant control at its own best lr (a check that it is not worse only for diverging at the full config's
+    # lr; it can only make the control look better). Not one of the goals' controls, which share the full config's lr.
+    kw = {k: v for k, v in DESIGNS_AL["multi4_affine_5pct"][1].items() if k != "readout_settings"}
+    cfg = {**kw, "probability_input": "constant"}
+    out.append(Spec("multi4_affine_5pct__const_own_lr", "qpa-ablation-const", _qpa(**cfg), 4, cfg, design="multi-feature"))
     return out
 
 
@@ -409,12 +414,14 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
                                     + _reuse(al, b, ["qpa_bottleneck_b16"], "qpa_5pct_std", (2,))),
         "all_linear_peers_grid": _grid(al, b, AL_PEER_GRID),
         "all_linear_designs_grid": _grid(al, b, {"multi4_affine_5pct": (1e-3, 3e-3, 1e-2, 3e-2),  # 1e-2 was the edge
-                                                 "pub_affine_shuffled": (1e-3, 3e-3, 1e-2)}),
+                                                 "pub_affine_shuffled": (3e-4, 1e-3, 3e-3, 1e-2)}),  # 1e-3 was the edge
         "all_linear_designs_seeds": _seeds(al, b, ["multi4_affine_5pct", "pub_affine_shuffled"]),
         "all_linear_designs_controls": [j for n in ("multi4_affine_5pct", "pub_affine_shuffled")
                                         for j in _reuse(al, b, [f"{n}__{c}" for c in DESIGN_CONTROLS
                                                                 if f"{n}__{c}" in specs_for(al, smoke)], n)],
         "all_linear_peers_seeds": _seeds(al, b, list(AL_PEER_GRID)),
+        "all_linear_const_own_lr": (_grid(al, b, {"multi4_affine_5pct__const_own_lr": (1e-3, 3e-3)})
+                                    + _seeds(al, b, ["multi4_affine_5pct__const_own_lr"])),
         "all_linear_designs_sizes": (_grid(al, b, {n: (1e-3, 3e-3, 1e-2) for n in ("mps4_5pct", "multi4_affine_2pct", "multi4_affine_10pct")})
                                      + _seeds(al, b, ["mps4_5pct", "multi4_affine_2pct", "multi4_affine_10pct"])),
         "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")

@@ -306,16 +306,32 @@ def main(argv=None):
     set_seed(training_args.seed)
 
     # model + tokenizer (the main process fetches the default assets first; the others then read the cache)
-    with training_args.main_process_first(desc="fetching/loading the model"):
-        dtype = getattr(torch, model_args.dtype) if model_args.dtype else None
+    # Under DeepSpeed ZeRO-3 the weights are partitioned while they load (deepspeed.zero.Init, a collective): every
+    # process loads at once, after the main process has fetched the files.
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    zero3 = is_deepspeed_zero3_enabled()
+    dtype = getattr(torch, model_args.dtype) if model_args.dtype else None
+    progress = training_args.local_process_index == 0
+
+    def load_model():
         loaded = assets.load_model_and_tokenizer(model_args.model_name_or_path, cache=model_args.cache_dir,
-                                                 progress=training_args.local_process_index == 0, dtype=dtype)
-        model, tokenizer = loaded.model, loaded.tokenizer
+                                                 progress=progress, dtype=dtype)
+        tokenizer = loaded.tokenizer
         if model_args.tokenizer_name:
             tokenizer = transformers.AutoTokenizer.from_pretrained(model_args.tokenizer_name)
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
+        return loaded.model, tokenizer
+
+    with training_args.main_process_first(desc="fetching/loading the model"):
+        if zero3:
+            assets.resolve_model(model_args.model_name_or_path, model_args.cache_dir, progress=progress)
+        else:
+            model, tokenizer = load_model()
         train_texts, eval_texts = load_texts(data_args, model_args.cache_dir)
+    if zero3:
+        model, tokenizer = load_model()
 
     block_size = data_args.block_size
     if block_size is None:
@@ -398,7 +414,12 @@ def main(argv=None):
         if method.quantum and method.family in ("lora", "dora", "prefix") and trainer.is_world_process_zero():
             # the classical twin for plain peft: a LoRA (DoRA) adapter, or a prefix-tuning adapter
             twin = "prefix_export" if method.family == "prefix" else "lora_export"
-            peft_qpa.export(trainer.model, os.path.join(training_args.output_dir, twin))
+            if zero3:
+                # ZeRO-3 hooks the generator's modules with collectives: export the saved adapter in one process
+                say(f"export skipped under DeepSpeed ZeRO-3: load {training_args.output_dir} with "
+                    f"PeftModel.from_pretrained in one process, then peft_qpa.export(model, '{twin}')")
+            else:
+                peft_qpa.export(trainer.model, os.path.join(training_args.output_dir, twin))
 
     if training_args.do_eval:
         if not eval_blocks:

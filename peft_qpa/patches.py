@@ -240,7 +240,8 @@ PATCHES: tuple[Patch, ...] = (
     Patch(
         target="peft.PeftModel.save_pretrained",
         fixes="A save of a model with a QPA adapter is written to a temporary directory and published when complete, "
-        "so an interrupted save never leaves new weights beside an old config (tuners/saving.py).",
+        "so an interrupted save never leaves new weights beside an old config (tuners/saving.py); a state_dict passed in "
+        "(DeepSpeed ZeRO-3's consolidated one, taken without the hooks that refresh them) gets fresh snapshots.",
         install=install_staged_save,
     ),
     Patch(

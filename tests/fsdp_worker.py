@@ -140,6 +140,24 @@ def main(out_dir: str) -> None:
     except Exception:  # noqa: BLE001 - reported to the test
         result["ignored_params_error"] = traceback.format_exc()
 
+    # 5. QPA prefix tuning: its prompt encoder owns the generator, kept whole and synchronised the same way
+    prefix = get_peft_model(MODEL_FACTORIES["llama"](), peft_qpa.QPAPrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, chunk_size=32, qnn_depth=2, mapping_hidden_sizes=[16, 16], seed=0))
+    for layer in prefix.base_model.model.layers:
+        fully_shard(layer)
+    fully_shard(prefix)
+    prefix_optimizer = torch.optim.AdamW([p for p in prefix.parameters() if p.requires_grad], lr=1e-2)
+    result["prefix_losses"] = train(prefix, prefix_optimizer, rank, range(1, CHECKPOINT_AT + 1))
+    encoder = prefix.prompt_encoder["default"]
+    result["prefix_synced"] = encoder.cache.syncs_gradients
+    result["prefix_params"] = digest(torch.cat([p.detach().reshape(-1) for p in encoder.generator.parameters()]))
+    prefix.eval()
+    with torch.no_grad():
+        result["prefix_logits"] = prefix(input_ids=EVAL_IDS).logits.reshape(-1).tolist()
+    if rank == 0:
+        prefix.save_pretrained(os.path.join(out_dir, "prefix"))  # rank 0 alone
+    dist.barrier()
+
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.barrier()

@@ -4,7 +4,8 @@ accelerate's FSDP plugin running examples/run_clm_qpa.py with examples/accelerat
 The generator stays whole on every rank and its gradients are averaged (peft_qpa/tuners/distributed.py): every rank
 generates the same tensors at every step, the training equals one process on both ranks' data, the adapter saves (from
 the gathered state dict, or from rank 0 alone) and reloads in one process with the same logits, exports, and a sharded
-checkpoint resumes to the same losses. A generator that FSDP shards anyway is refused with an error naming the fix.
+checkpoint resumes to the same losses; QPA prefix tuning too. A generator that FSDP shards anyway is refused with an
+error naming the fix.
 """
 
 import json
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "fsdp_worker.py"
-SHIM = Path(__file__).parent / "accelerate_fsdp_cpu.py"
+SHIM = Path(__file__).parent / "accelerate_cpu.py"
 SCRIPT = REPO / "examples" / "run_clm_qpa.py"
 CONFIG = REPO / "examples" / "accelerate_fsdp2.yaml"
 
@@ -155,6 +156,19 @@ def test_a_generator_sharded_by_fsdp_is_refused_with_the_fix(fsdp_run):
         assert r["ignored_params_state"] == ranks[0]["record"][CHECKPOINT_AT]
 
 
+@pytest.mark.slow
+def test_qpa_prefix_tuning_under_fsdp_stays_in_sync_and_saves_from_rank_0(fsdp_run):
+    import peft_qpa  # noqa: F401
+    from peft import PeftModel
+
+    out, ranks = fsdp_run
+    assert all(r["prefix_synced"] for r in ranks) and ranks[0]["prefix_params"] == ranks[1]["prefix_params"]
+    assert ranks[0]["prefix_losses"] != ranks[1]["prefix_losses"]
+    loaded = PeftModel.from_pretrained(MODEL_FACTORIES["llama"](), str(out / "prefix"))
+    torch.testing.assert_close(_logits(loaded).double(), torch.tensor(ranks[0]["prefix_logits"]).double(), rtol=0,
+                               atol=1e-6)
+
+
 # --- accelerate's FSDP plugin (FSDP2) with examples/run_clm_qpa.py ---------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -178,7 +192,7 @@ def _launch(tiny, out, tmp_path, *extra):
            str(_free_port()), str(SHIM), str(SCRIPT), *_clm_args(tiny, out, *extra)]
     _run(cmd, tmp_path)
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    return [h["loss"] for h in history if "loss" in h], [json.loads((out / f"fsdp_rank{r}.json").read_text()) for r in (0, 1)]
+    return [h["loss"] for h in history if "loss" in h], [json.loads((out / f"engine_rank{r}.json").read_text()) for r in (0, 1)]
 
 
 @pytest.mark.slow

@@ -193,14 +193,15 @@ class GeneratedCache:
         if not self.targets or on_meta(self.generator):
             return
         distributed.refuse_sharded(self.generator, self.member, self.adapter_name)
-        state = _fingerprint(self.generator)
-        if not force and _same_fingerprint(self._snapshot_state, state):
-            return
-        self.report_non_finite()
-        tensors = self.generator.split(self.generator.generate())
-        for name, (buffers, key) in self.targets.items():
-            buffers[key].copy_(tensors[name])
-        self._snapshot_state = state
+        with distributed.zero3_gathered(self.generator):
+            state = _fingerprint(self.generator)
+            if not force and _same_fingerprint(self._snapshot_state, state):
+                return
+            self.report_non_finite()
+            tensors = self.generator.split(self.generator.generate())
+            for name, (buffers, key) in self.targets.items():
+                buffers[key].copy_(tensors[name])
+            self._snapshot_state = state
 
     def mark_fresh(self) -> None:
         """Declare the snapshot buffers authoritative for the current parameters (after a load)."""
@@ -214,7 +215,8 @@ class GeneratedCache:
         rounding between machines (thread counts, compiled kernel or not): 1e-3 of the largest snapshot value in
         float32/float64, 1e-2 in half precision."""
         distributed.refuse_sharded(self.generator, self.member, self.adapter_name)
-        tensors = self.generator.split(self.generator.generate())
+        with distributed.zero3_gathered(self.generator):
+            tensors = self.generator.split(self.generator.generate())
         pairs = [(buffers[key], tensors[name]) for name, (buffers, key) in self.targets.items()]
         if not pairs:
             return 0.0, 0.0, 0, 0

@@ -1,5 +1,5 @@
-"""The shared generator under sharded data parallelism (FSDP2 ``fully_shard``, FSDP1, accelerate's FSDP plugin):
-it stays whole on every rank, and its gradients are averaged across ranks by the tuner.
+"""The shared generator under sharded data parallelism (FSDP2 ``fully_shard``, FSDP1, accelerate's FSDP plugin,
+DeepSpeed ZeRO): it stays whole on every rank; under FSDP its gradients are averaged across ranks by the tuner.
 
 Why whole: every adapted layer reads the generator's output, which is computed once per forward of the whole model
 (``forward.py``), and outside any forward too: snapshots are regenerated for ``no_grad`` forwards, for every state
@@ -15,20 +15,30 @@ How, without the user's help:
   groups (``torch.distributed.fsdp._fully_shard._fsdp_common._is_composable_with_fsdp`` and
   ``torch.distributed.fsdp._traversal_utils._composable``): the generator's parameters stay ordinary tensors,
   neither sharded nor moved, and FSDP does not reduce their gradients.
-* :func:`fsdp_in_use` notices, at a forward, that the wrapped model is managed by FSDP in a process group of
-  several ranks; :func:`attach` then moves each generator to the device the model computes on and broadcasts its
+* At a forward, the tuner notices (:func:`is_fsdp_managed` on the wrapped model's modules) that FSDP manages the
+  model in a process group of several ranks (:func:`multi_process`); :func:`attach` then moves each generator to the device the model computes on and broadcasts its
   parameters and buffers from rank 0 (as DistributedDataParallel does at construction).
 * From then on, each backward that reaches a generator ends with one all-reduce (mean) of its gradients
   (:func:`queue_gradient_sync`, queued from a hook on the generated tensors, run after FSDP's own end-of-backward
   work), so the optimizer sees the same gradients, and the ranks keep the same generator, at every step.
 
-A generator that FSDP shards anyway (``fully_shard`` applied to it explicitly, or a torch release that no longer
-honours the mark) is refused with an error naming the fix (:func:`refuse_sharded`), never left to diverge.
+A generator that FSDP shards anyway (a torch release that no longer honours the mark) is refused with an error
+naming the fix (:func:`refuse_sharded`), never left to diverge.
+
+DeepSpeed: ZeRO-1/2 keep parameters whole and reduce every gradient, the generator's too. ZeRO-3 partitions
+parameters unless they are *persistent* (at most ``stage3_param_persistence_threshold`` numbers each).
+:func:`refuse_partitioned` asks, at the first forward, for a persistence threshold that keeps every generator parameter
+whole, and :func:`gather_persistent` gathers them there if ZeRO-3 has not yet (it re-gathers persistent parameters
+after every optimizer step itself). ZeRO-3 also hooks every submodule's forward with collectives (it fetches, and
+prefetches, parameters there), the generator's mapping included: under ZeRO-3 a generation outside a forward (saving,
+exporting) must run on every rank, as every ZeRO-3 save does; :func:`zero3_gathered` gathers the generator for the
+snapshot a ZeRO-3 checkpoint writes (DeepSpeed partitions even persistent parameters while it saves one).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import weakref
 from typing import Any, Iterable, Optional
@@ -89,8 +99,8 @@ def is_fsdp_managed(module: nn.Module, fsdp_types: tuple[type, ...]) -> bool:
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    """A DTensor (FSDP2's sharded parameter) or an FSDP1 flat-parameter view."""
-    if not _dist_available():
+    """A DTensor (FSDP2's sharded parameter) or an FSDP1 flat parameter (both need an initialized process group)."""
+    if not (_dist_available() and torch.distributed.is_initialized()):
         return False
     try:
         from torch.distributed.tensor import DTensor
@@ -114,6 +124,57 @@ def refuse_sharded(generator: nn.Module, member: str, adapter_name: str) -> None
         "FullyShardedDataParallel(model, ignored_modules=[model.base_model.qpa_generator]) with FSDP1 (use the "
         "generator attribute of your method, e.g. qt_generator). peft_qpa then averages its gradients across ranks."
     )
+
+
+def refuse_partitioned(generator: nn.Module, member: str, adapter_name: str) -> None:
+    """Raise if DeepSpeed ZeRO-3 partitions any parameter of ``generator`` (a ZeRO parameter that is not persistent)."""
+    partitioned = [(name, int(getattr(p, "ds_numel", p.numel()))) for name, p in generator.named_parameters()
+                   if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False)]
+    if not partitioned:
+        return
+    largest = max(int(getattr(p, "ds_numel", p.numel())) for p in generator.parameters())
+    names = ", ".join(name for name, _ in partitioned[:3]) + (" ..." if len(partitioned) > 3 else "")
+    raise RuntimeError(
+        f"{member} adapter '{adapter_name}': DeepSpeed ZeRO-3 partitions the generator's parameters ({names}). The "
+        "generator must stay whole on every rank: every adapted layer reads its output, and saving, exporting and "
+        "evaluating regenerate from it, often on one rank. ZeRO-3 keeps a parameter whole when it is persistent: set "
+        f'"zero_optimization": {{"stage3_param_persistence_threshold": {largest}}} or more in the DeepSpeed config '
+        f"(the largest generator parameter has {largest} numbers; the HF Trainer's \"auto\" gives 10 x hidden_size), "
+        "or train with ZeRO-2 or FSDP."
+    )
+
+
+def zero3_managed(generator: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages the generator's parameters."""
+    return any(hasattr(p, "ds_id") for p in generator.parameters())
+
+
+def _not_available(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id") and getattr(getattr(p, "ds_status", None), "name", "") == "NOT_AVAILABLE"
+
+
+@contextlib.contextmanager
+def zero3_gathered(generator: nn.Module):
+    """Under DeepSpeed ZeRO-3: the generator's parameters that are partitioned right now gathered for the block
+    (DeepSpeed partitions even persistent parameters while it saves a checkpoint, and its state dict is taken then).
+    A collective, as the checkpoint save that needs it; a no-op when every parameter is whole."""
+    missing = [p for p in generator.parameters() if _not_available(p)]
+    if not missing:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(missing):
+        yield
+
+
+def gather_persistent(generator: nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3 (persistent parameters, checked by :func:`refuse_partitioned`): gather the generator's
+    parameters that are not yet available on this rank (before its first forward). A collective: called at a forward,
+    which every rank runs. Once gathered, ZeRO-3 keeps persistent parameters whole and current."""
+    missing = [p for p in generator.parameters() if _not_available(p)]
+    if missing:
+        missing[0].all_gather(param_list=missing)
 
 
 def input_device(args: Iterable[Any], kwargs: Optional[dict] = None) -> Optional[torch.device]:

@@ -2,7 +2,8 @@
 generate (or check its snapshot) before any layer, gradient-checkpointed or not, runs; a forward hook ends it.
 
 The pre-hook also notices FSDP (several ranks, the model managed by ``fully_shard`` or ``FullyShardedDataParallel``)
-and makes each generator a replica whose gradients are averaged across ranks (``distributed.py``).
+and makes each generator a replica whose gradients are averaged across ranks, and refuses a generator that DeepSpeed
+ZeRO-3 partitions (``distributed.py``).
 
 :class:`ForwardHooksMixin` is part of :class:`~peft_qpa.tuners.base.QPABaseModel`; it relies on the tuner's
 ``_generators``, ``_caches``, ``tuner_layer_cls``, ``active_adapters`` and ``model``.
@@ -23,6 +24,11 @@ class ForwardHooksMixin:
         active = [name for name in self.active_adapters if name in generators]
         if not active:
             return
+        for adapter_name in active:  # DeepSpeed ZeRO-3 must not partition a generator (cheap: a few attributes)
+            cache = self._caches().get(adapter_name)
+            if cache is not None:
+                distributed.refuse_partitioned(generators[adapter_name], cache.member, adapter_name)
+                distributed.gather_persistent(generators[adapter_name])
         check_fsdp = distributed.multi_process() and not all(c.syncs_gradients for c in self._caches().values())
         disabled, merged, reentrant, fsdp = self._forward_state(check_fsdp=check_fsdp)
         if fsdp:
@@ -88,8 +94,8 @@ def _refuse_distributed_reentrant_checkpointing() -> None:
     if torch.distributed.get_world_size() <= 1:
         return
     raise RuntimeError(
-        "QPA does not support reentrant gradient checkpointing in distributed (DDP) training: the generator's "
-        "gradients would not be synchronised across ranks. Use non-reentrant checkpointing instead: "
+        "QPA does not support reentrant gradient checkpointing in distributed (DDP, FSDP, DeepSpeed) training: the "
+        "generator's gradients would not be synchronised across ranks. Use non-reentrant checkpointing instead: "
         "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), or with the "
         "HF Trainer, TrainingArguments(gradient_checkpointing=True, "
         "gradient_checkpointing_kwargs={'use_reentrant': False})."

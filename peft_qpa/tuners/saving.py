@@ -154,7 +154,14 @@ def save_staged(save, peft_model, save_directory, *args, **kwargs):
     """``save(peft_model, save_directory, ...)`` (PEFT's ``save_pretrained``) through a staged directory when the
     model has a QPA adapter: what ``PeftModel.save_pretrained`` does once ``peft_qpa.patches`` has wrapped it.
 
-    Models without a QPA adapter, non-main processes and targets that are files go straight to PEFT's method."""
+    Models without a QPA adapter, non-main processes and targets that are files go straight to PEFT's method.
+
+    A ``state_dict`` passed in (the HF Trainer passes the gathered one under FSDP and DeepSpeed ZeRO-3) gets fresh
+    snapshots first: ZeRO-3's consolidated state dict is taken without the hooks that refresh them."""
+    state_dict = kwargs.get("state_dict")
+    tuner = getattr(peft_model, "base_model", None)
+    if isinstance(state_dict, dict) and _has_qpa_adapter(peft_model) and hasattr(tuner, "freshen_state_dict"):
+        tuner.freshen_state_dict(state_dict)
     if (
         not _has_qpa_adapter(peft_model)
         or not kwargs.get("is_main_process", True)

@@ -1,5 +1,6 @@
 """What a QPA tuner saves and loads beyond PEFT's generic handling: the snapshots made fresh whenever a state dict is
-taken, the load cross-check, adapters saved without their generated tensors, and the generator's key names.
+taken (and written fresh into one taken without the hooks, e.g. DeepSpeed ZeRO-3's consolidated state dict), the load
+cross-check, adapters saved without their generated tensors, and the generator's key names.
 
 :class:`AdapterStateMixin` is part of :class:`~peft_qpa.tuners.base.QPABaseModel`; it relies on the tuner's
 ``get_generator``, ``_caches``, ``_targeted_layers``, ``generator_attr`` and ``peft_config``.
@@ -7,7 +8,12 @@ taken, the load cross-check, adapters saved without their generated tensors, and
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+
 from ..generator import QPAGenerator
+from . import distributed
 from .cache import on_meta
 
 GENERATOR_SUFFIX = "generator"
@@ -90,6 +96,63 @@ class AdapterStateMixin:
         dropped.add(f".{tuner.generator_attr}.{adapter_name}.offset")
         return {k: v for k, v in to_return.items() if not any(f".{k}".endswith(end) for end in dropped)}
 
+    def freshen_state_dict(self, state_dict: dict) -> None:
+        """Write fresh snapshots into ``state_dict``, a state dict of the model taken without its state-dict hooks
+        (DeepSpeed ZeRO-3's consolidated one, which the HF Trainer saves): its snapshot entries may be older than its
+        generator. ``PeftModel.save_pretrained`` calls this when it is given a ``state_dict``; entries keep their dtype
+        and device.
+
+        The snapshots are generated from the generator entries of ``state_dict`` itself. Under DeepSpeed ZeRO-3 by a
+        copy of the generator built from the adapter's config (the model's own runs ZeRO-3's collective hooks, and
+        this is called on the main process alone); otherwise by the model's generator, when ``state_dict`` holds its
+        current parameters (it was taken from this model, now)."""
+        for adapter_name, cache in self._caches().items():
+            generator = self.get_generator(adapter_name)
+            values = self._generator_entries(state_dict, adapter_name)
+            if values is None or on_meta(generator):
+                continue
+            if distributed.zero3_managed(generator):
+                tensors = self._generate_from(adapter_name, values)
+            else:
+                if not all(torch.equal(values[name].to(p.device, p.dtype), p.detach())
+                           for name, p in generator.named_parameters()):
+                    continue
+                cache.refresh(force=True)
+                tensors = {name: buffers[key] for name, (buffers, key) in cache.targets.items()}
+            fresh = {}
+            for module_name, layer in self._targeted_layers(adapter_name):
+                for tensor in layer.declared(adapter_name):
+                    fresh[f"{module_name}.{tensor.snapshot}.{adapter_name}"] = tensors[f"{module_name}.{tensor.name}"]
+            for key, value in list(state_dict.items()):
+                tail = _matching_tail(key, fresh)
+                if tail is not None and isinstance(value, torch.Tensor) and value.shape == fresh[tail].shape:
+                    state_dict[key] = fresh[tail].detach().to(device=value.device, dtype=value.dtype).clone()
+
+    def _generator_entries(self, state_dict: dict, adapter_name: str) -> Optional[dict]:
+        """The adapter's generator entries of ``state_dict`` (parameters and saved buffers, by their name in the
+        generator), or None unless every parameter is there with its shape."""
+        marker = f"{self.generator_attr}.{adapter_name}."
+        generator = self.get_generator(adapter_name)
+        shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in generator.named_parameters()}
+        values = {}
+        for key, value in state_dict.items():
+            if marker in key and isinstance(value, torch.Tensor):
+                values[key.split(marker, 1)[1]] = value.detach()
+        if not shapes or any(name not in values or tuple(values[name].shape) != shape for name, shape in shapes.items()):
+            return None
+        return values
+
+    @torch.no_grad()
+    def _generate_from(self, adapter_name: str, values: dict) -> dict:
+        """The generated tensors of a generator holding ``values``: a copy built from the adapter's config, on the CPU."""
+        config = self.peft_config[adapter_name]
+        generator = self.get_generator(adapter_name)
+        copy = QPAGenerator.from_config(config, generator.specs, init_weights=getattr(config, "init_weights", True))
+        dtype = next(iter(copy.parameters())).dtype
+        copy.load_state_dict({k: v.to("cpu", v.dtype if not v.is_floating_point() else dtype) for k, v in values.items()},
+                             strict=False)
+        return copy.split(copy.generate())
+
     def _refresh_before_state_dict(self, module, prefix, keep_vars):
         for cache in self._caches().values():
             cache.refresh(force=True)
@@ -100,3 +163,16 @@ class AdapterStateMixin:
         if marker in key:
             return key.replace(marker, f"{cls.prefix}{GENERATOR_SUFFIX}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+def _matching_tail(key: str, tails: dict) -> Optional[str]:
+    """The entry of ``tails`` that ``key`` ends with at a dot boundary (``base_model.model.<tail>``), if any."""
+    if key in tails:
+        return key
+    start = key.find(".")
+    while start != -1:
+        tail = key[start + 1:]
+        if tail in tails:
+            return tail
+        start = key.find(".", start + 1)
+    return None

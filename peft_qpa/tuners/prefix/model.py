@@ -39,6 +39,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ...generator import QPAGenerator, TensorSpec
+from .. import distributed
 from ..cache import GeneratedCache
 from ...peft_types import QPA_PREFIX_TUNING
 from ..model_card import card_facts
@@ -114,6 +115,7 @@ class QPAPrefixEncoder(BasePromptEncoder):
         shape = (config.num_virtual_tokens, config.num_layers * 2 * config.token_dim)
         init = "zeros" if config.init_weights == "zero" else "normal"
         self.generator = QPAGenerator.from_config(config, [TensorSpec(TENSOR_NAME, shape, init)])
+        distributed.keep_whole(self.generator)  # FSDP leaves it whole on every rank (docs/scaling.md)
         self.embedding = PrefixSnapshot(shape, self.generator.offset.dtype)
         # The encoder owns the generated prefixes: live while training, else the snapshot buffer PEFT saves.
         self.cache = GeneratedCache(self.generator, {TENSOR_NAME: (self.embedding._buffers, "snapshot")},
@@ -134,6 +136,12 @@ class QPAPrefixEncoder(BasePromptEncoder):
     def forward(self, prefix_tokens: torch.Tensor) -> torch.Tensor:
         if self.training and self._base_model is not None and torch.is_grad_enabled() and _checkpointing_on(self._base_model):
             raise ValueError(GRADIENT_CHECKPOINTING_MESSAGE)
+        if not self.cache.syncs_gradients and distributed.multi_process() and distributed.is_fsdp_managed(
+                self, distributed.fsdp_module_types()):
+            # under FSDP: a replica whose gradients each backward averages across ranks (tuners/distributed.py)
+            distributed.refuse_sharded(self.generator, self.cache.member, self.cache.adapter_name)
+            distributed.attach(self.generator, prefix_tokens.device)
+            self.cache.sync_gradients()
         live = self.cache.live(training=self.training)
         table = live[TENSOR_NAME] if live is not None else self.embedding.snapshot
         return table[prefix_tokens]
