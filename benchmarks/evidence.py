@@ -396,6 +396,10 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "lm_head_designs_more_controls": [j for n in ("mps4", "multi4_affine")
                                           for j in _reuse(lm, b, [f"{n}__{c}" for c in DESIGN_CONTROLS
                                                                   if f"{n}__{c}" in specs_for(lm, smoke)], n)],
+        "lm_head_designs_more_low": _grid(lm, b, {"dist2_affine": (3e-4,), "deep64_affine": (3e-4,)}),  # 1e-3 was the edge
+        "lm_head_designs_more_controls_2": [j for n in ("dist2_affine", "deep64_affine")
+                                            for j in _reuse(lm, b, [f"{n}__{c}" for c in DESIGN_CONTROLS
+                                                                    if f"{n}__{c}" in specs_for(lm, smoke)], n)],
         "lm_head_designs_controls": [j for n in ("pub_affine_shuffled", "pub_affine_none")
                                      for j in _reuse(lm, b, [f"{n}__{c}" for c in DESIGN_CONTROLS], n)],
         "lm_head_budget": [Job(n, lm, 4 * b, (0,), lrs) for n, lrs in
