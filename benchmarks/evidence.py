@@ -428,6 +428,12 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
                                     + _seeds(al, b, ["multi4_affine_5pct__const_own_lr"])),
         "all_linear_designs_sizes": (_grid(al, b, {n: (1e-3, 3e-3, 1e-2) for n in ("mps4_5pct", "multi4_affine_2pct", "multi4_affine_10pct")})
                                      + _seeds(al, b, ["mps4_5pct", "multi4_affine_2pct", "multi4_affine_10pct"])),
+        # grid edges of the sizes/peers grids (the peers' edges too: a peer left at its edge would flatter QPA)
+        "all_linear_edges": _grid(al, b, {"mps4_5pct": (3e-2,), "multi4_affine_10pct": (3e-2,), "vera_r256_top4": (3e-1,),
+                                          "fourierft_n500": (3e-1,), "vblora_nv16": (1e-1,)}),
+        "all_linear_edges_seeds": _seeds(al, b, ["mps4_5pct", "multi4_affine_10pct", "vera_r256_top4", "fourierft_n500", "vblora_nv16"]),
+        "all_linear_mps_controls": _reuse(al, b, [f"mps4_5pct__{c}" for c in DESIGN_CONTROLS
+                                                  if f"mps4_5pct__{c}" in specs_for(al, smoke)], "mps4_5pct"),
         "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")
                             + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
     }

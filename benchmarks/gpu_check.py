@@ -16,11 +16,19 @@ g. timing: mean wall time of a QPA training step (forward + backward + AdamW) ag
    the same r and targets on a mid-size Llama (hidden 1024, 8 layers, vocab 32000, batch 8 x seq 256,
    bf16 autocast, q_proj/v_proj, chunk_size 64, qnn_depth 8), 10 warm-up and 20 timed steps, with
    ``torch.cuda.synchronize`` around each.
+h. step-time matrix: QPA against LoRA on the same model at N = 12 and N = 16 (chunk_size 64 and 4, M = 262,144),
+   in three scenarios under bf16 autocast (plain, gradient checkpointing, gradient accumulation over 4
+   micro-batches), and each generator's forward+backward alone on the tuner's path; the goals (QPA / LoRA <= 1.05
+   at N = 12 and <= 1.15 at N = 16, generator <= 2 ms at N = 12) are written under ``targets`` with the measured
+   value and ``met`` computed from it (None where that N was not measured, as with ``--quick``); they do not
+   enter ``all_ok``;
+i. a realistic size (CUDA, not with ``--quick``): a ~1.1B-parameter Llama from a config (random weights) in bf16,
+   every linear layer adapted, step time and ``torch.cuda.max_memory_allocated`` of QPA against LoRA.
 
 Every check runs on its own: one that raises is recorded (``errors``, with its traceback) and the rest still
 run. The exit status is 1 if any check failed or raised.
 
-    python benchmarks/gpu_check.py                         # CUDA, full sizes (~15 s after the imports on an H200)
+    python benchmarks/gpu_check.py                         # CUDA, full sizes (~15 s for a-g after the imports on an H200)
     python benchmarks/gpu_check.py --device cpu --quick    # the same checks, tiny sizes (tests/test_gpu_check.py)
 """
 
@@ -401,6 +409,202 @@ def check_timing(args, results):
     results["timing_qpa_trainable_params"] = qpa_params
 
 
+# --- (h) the step-time matrix and (i) a realistic size -----------------------------------------------------
+# The goals for the generator's launch overhead (docs/performance.md, "Operator launches"): QPA's training step against
+# LoRA's on the timing model of (g), at N = 12 and N = 16, in every scenario; the generator's forward+backward at
+# N = 12. Written into the JSON with the measured value and whether it is met (None where that N was not measured,
+# e.g. with --quick); they do not enter all_ok, which is about correctness.
+GOALS = {"step_ratio": {12: 1.05, 16: 1.15}, "generator_fwd_bwd_ms": {12: 2.0}}
+SCENARIOS = ("bf16_autocast", "checkpointing", "accumulation")
+ACCUMULATION_STEPS = 4
+# chunk_size per target N with M = 262,144 (the timing model's q_proj/v_proj at r = 8): 4,096 chunks of 64 (N = 12),
+# 65,536 chunks of 4 (N = 16); LoRA is the same in both. With --quick (M = 256): N = 4 and N = 6.
+MATRIX_CHUNKS = {12: 64, 16: 4}
+QUICK_MATRIX_CHUNKS = {12: 16, 16: 4}
+# (i): a TinyLlama-1.1B-shaped decoder (random weights), bf16, every linear layer adapted (r = 8).
+LARGE = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000, batch=4, seq=512, r=8)
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: str, warmup: int, timed: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(timed):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _stats(times: list[float]) -> dict:
+    return {"mean_ms": 1e3 * statistics.fmean(times), "median_ms": 1e3 * statistics.median(times),
+            "min_ms": 1e3 * min(times), "n": len(times)}
+
+
+def _train_step(model, optimizer, ids, scenario: str):
+    """One optimizer step under bf16 autocast: ``accumulation`` runs ACCUMULATION_STEPS forward+backward passes
+    (the loss divided by their number) before it; ``checkpointing`` expects the model's gradient checkpointing on."""
+    micro = ACCUMULATION_STEPS if scenario == "accumulation" else 1
+
+    def step():
+        for _ in range(micro):
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss / micro
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def generation_timer(model):
+    """One training step's generation as the tuner runs it (``GeneratedCache``: every LoRA tensor of the step,
+    forward, then backward of a fixed incoming gradient), without the model."""
+    cache = model.base_model.generated_cache()
+    cache._make_live(advance=False)
+    grads = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i)).to(t)
+             for i, t in enumerate(cache._live.values())]
+    cache.drop_live()
+
+    def once():
+        cache._make_live(advance=False)
+        torch.autograd.backward(list(cache._live.values()), grads)
+        cache.drop_live()
+
+    return once
+
+
+def _timing_base(sizes: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=sizes["hidden"], intermediate_size=sizes["intermediate"], num_hidden_layers=sizes["layers"],
+        num_attention_heads=sizes["heads"], num_key_value_heads=sizes.get("kv_heads", sizes["heads"]),
+        vocab_size=sizes["vocab"], max_position_embeddings=max(2048, sizes["seq"]), bos_token_id=0, eos_token_id=0,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    base.config.use_cache = False
+    return base
+
+
+def _target(kind: str, n_target: int, n_measured: int, value: float) -> dict:
+    limit = GOALS[kind][n_target]
+    applies = n_measured == n_target
+    return {"limit": limit, "at_N": n_target, "measured_N": n_measured, "value": value,
+            "met": (value <= limit) if applies else None}
+
+
+def check_step_matrix(args, results):
+    """(h) training step of QPA against LoRA (same r and targets) at N = 12 and N = 16 in three scenarios, all under
+    bf16 autocast: plain, gradient checkpointing (non-reentrant), gradient accumulation (ACCUMULATION_STEPS
+    micro-batches per optimizer step); plus each QPA generator's forward+backward alone (the tuner's path). LoRA and
+    QPA run in the same process on the same device, one model at a time."""
+    from peft import LoraConfig, get_peft_model
+
+    sizes, chunks = args.timing, (QUICK_MATRIX_CHUNKS if args.quick else MATRIX_CHUNKS)
+    base = _timing_base(sizes)
+    ids = batch(args.device, size=(sizes["batch"], sizes["seq"]), seed=5, vocab=sizes["vocab"])
+    targets = ["q_proj", "v_proj"]
+    r = sizes["r"]
+    matrix = {"config": {**sizes, "targets": targets, "autocast": "bfloat16", "base_dtype": "float32",
+                         "qnn_depth": args.qnn_depth, "chunk_size_by_N": {str(k): v for k, v in chunks.items()},
+                         "accumulation_steps": ACCUMULATION_STEPS, "checkpointing": "non-reentrant",
+                         "warmup": args.warmup, "timed": args.timed,
+                         "compile_mapping": os.environ.get("PEFT_QPA_COMPILE_MAPPING")},
+              "rows": [], "generator": {}}
+
+    def run(adapter_config, scenario):
+        model = get_peft_model(copy.deepcopy(base).to(args.device), adapter_config)
+        if scenario == "checkpointing":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        times = _time(_train_step(model, optimizer, ids, scenario), args.device, args.warmup, args.timed)
+        return model, _stats(times)
+
+    for scenario in SCENARIOS:
+        lora_model, lora = run(LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0), scenario)
+        del lora_model
+        for n_target, chunk in chunks.items():
+            model, qpa = run(peft_qpa.QPAConfig(r=r, lora_alpha=2 * r, target_modules=targets, chunk_size=chunk,
+                                                qnn_depth=args.qnn_depth), scenario)
+            generator = generator_of(model)
+            row = {"scenario": scenario, "target_N": n_target, "n_qubits": generator.n_qubits, "chunk_size": chunk,
+                   "generated_M": generator.num_generated, "lora": lora, "qpa": qpa,
+                   "qpa_over_lora": qpa["mean_ms"] / lora["mean_ms"]}
+            matrix["rows"].append(row)
+            if scenario == SCENARIOS[0]:  # the generator alone does not depend on the model's scenario
+                gen = _stats(_time(generation_timer(model), args.device, max(1, args.warmup // 2), args.timed))
+                matrix["generator"][str(n_target)] = {"n_qubits": generator.n_qubits, **gen}
+            del model
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    goals = {}
+    for row in matrix["rows"]:
+        goals[f"step_ratio_N{row['target_N']}_{row['scenario']}"] = _target(
+            "step_ratio", row["target_N"], row["n_qubits"], row["qpa_over_lora"])
+    for n_target, gen in matrix["generator"].items():
+        if int(n_target) in GOALS["generator_fwd_bwd_ms"]:
+            goals[f"generator_fwd_bwd_ms_N{n_target}"] = _target(
+                "generator_fwd_bwd_ms", int(n_target), gen["n_qubits"], gen["mean_ms"])
+    results["step_matrix"] = matrix
+    results["targets"] = goals
+    results["targets_all_met"] = all(g["met"] for g in goals.values()) if all(
+        g["met"] is not None for g in goals.values()) else None
+
+
+def check_large(args, results):
+    """(i) a realistic size: a ~1.1B-parameter Llama (LARGE, random weights) in bf16 under bf16 autocast, every
+    linear layer adapted (target_modules="all-linear", r = 8), QPA with the default chunk_size against LoRA: step
+    time and peak memory (torch.cuda.max_memory_allocated over the timed steps, the weights included). CUDA only;
+    skipped with --quick."""
+    if args.quick or not args.device.startswith("cuda"):
+        results["large"] = {"skipped": "--quick" if args.quick else "CUDA only"}
+        return
+    from peft import LoraConfig, get_peft_model
+
+    sizes = LARGE
+    ids = batch(args.device, size=(sizes["batch"], sizes["seq"]), seed=6, vocab=sizes["vocab"])
+    r = sizes["r"]
+    large = {"config": {**sizes, "targets": "all-linear", "dtype": "bfloat16", "autocast": "bfloat16",
+                        "qnn_depth": args.qnn_depth, "warmup": 3, "timed": 10}}
+    configs = {"lora": LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0),
+               "qpa": peft_qpa.QPAConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", qnn_depth=args.qnn_depth)}
+    for name, adapter_config in configs.items():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = _timing_base(sizes).to(args.device, torch.bfloat16)
+        model = get_peft_model(base, adapter_config)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        _sync(args.device)
+        entry = {"parameters": sum(p.numel() for p in model.parameters()),
+                 "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                 "allocated_after_build_gb": torch.cuda.memory_allocated() / 1e9}
+        torch.cuda.reset_peak_memory_stats()
+        entry.update(_stats(_time(_train_step(model, optimizer, ids, "bf16_autocast"), args.device, 3, 10)))
+        entry["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if name == "qpa":
+            generator = generator_of(model)
+            entry.update({"n_qubits": generator.n_qubits, "generated_M": generator.num_generated,
+                          "chunk_size": generator.chunk_size})
+            entry["generator_fwd_bwd"] = _stats(_time(generation_timer(model), args.device, 2, 10))
+        large[name] = entry
+        del model, base, optimizer
+    large["qpa_over_lora_step"] = large["qpa"]["mean_ms"] / large["lora"]["mean_ms"]
+    large["qpa_over_lora_peak_memory"] = large["qpa"]["peak_memory_gb"] / large["lora"]["peak_memory_gb"]
+    results["large"] = large
+
+
 CHECKS = (
     ("zero_delta_autocast", check_zero_delta_autocast),
     ("zero_delta_fp32", check_zero_delta_fp32),
@@ -408,6 +612,8 @@ CHECKS = (
     ("train_save_merge", check_train_save_merge),
     ("checkpointing", check_checkpointing),
     ("timing", check_timing),
+    ("step_matrix", check_step_matrix),
+    ("large", check_large),
 )
 
 FULL_TIMING = dict(hidden=1024, intermediate=2816, layers=8, heads=16, vocab=32000, batch=8, seq=256, r=8)
@@ -458,6 +664,18 @@ def summary(results) -> str:
         if key in results:
             value = results[key]
             lines.append(f"  {key:44s} {value:.6g}" if isinstance(value, float) else f"  {key:44s} {value}")
+    for row in results.get("step_matrix", {}).get("rows", []):
+        lines.append(f"  step {row['scenario']:14s} N = {row['n_qubits']:2d}: LoRA {row['lora']['mean_ms']:.4g} ms, "
+                     f"QPA {row['qpa']['mean_ms']:.4g} ms, QPA / LoRA {row['qpa_over_lora']:.3f}")
+    for n, gen in results.get("step_matrix", {}).get("generator", {}).items():
+        lines.append(f"  generator fwd+bwd (tuner path) N = {gen['n_qubits']}: {gen['mean_ms']:.4g} ms")
+    for name, goal in results.get("targets", {}).items():
+        lines.append(f"  target {name:40s} {goal['value']:.4g} <= {goal['limit']}: met {goal['met']}")
+    large = results.get("large", {})
+    if "qpa" in large:
+        lines.append(f"  large: LoRA {large['lora']['mean_ms']:.4g} ms {large['lora']['peak_memory_gb']:.3g} GB, "
+                     f"QPA (N = {large['qpa']['n_qubits']}) {large['qpa']['mean_ms']:.4g} ms "
+                     f"{large['qpa']['peak_memory_gb']:.3g} GB")
     if results["errors"]:
         lines.append(f"  ERRORS in: {', '.join(results['errors'])}")
     lines.append(f"  all_ok {results['all_ok']}   total {results['wall_s']:.1f} s")

@@ -17,13 +17,25 @@ import torch
 
 BLOCKWISE_MIN_GENERATED = 1 << 16
 BLOCK_ELEMENTS_MIN = 1 << 17
+# On an accelerator (CUDA) each block costs ~80 kernel launches (its MLP forward, and in the backward its
+# recomputation and backpropagation), which at a few microseconds each outweighed the block's arithmetic: at
+# N = 12 the 31 blocks of 2^17 numbers were most of the generator's launches. There blocks are at least this large
+# (2^24 numbers, 64 MiB in float32: one block up to ~17,000 rows of the default MLP), a small share of the memory of
+# any model that trains on a GPU. The CPU keeps BLOCK_ELEMENTS_MIN (memory, not launches, is what costs there).
+ACCELERATOR_BLOCK_ELEMENTS_MIN = 1 << 24
 BLOCK_FRACTION = 16
+
+
+def block_elements_min(device: torch.device) -> int:
+    """The smallest block budget (numbers of activation) on ``device``: BLOCK_ELEMENTS_MIN on the CPU (and meta),
+    ACCELERATOR_BLOCK_ELEMENTS_MIN elsewhere."""
+    return BLOCK_ELEMENTS_MIN if device.type in ("cpu", "meta") else ACCELERATOR_BLOCK_ELEMENTS_MIN
 
 
 def block_rows(generator: "torch.nn.Module") -> int:
     """Basis states (mapping rows) per block: a block's activations (every layer's input and output) hold at most
-    max(BLOCK_ELEMENTS_MIN, M / BLOCK_FRACTION) numbers."""
-    budget = max(BLOCK_ELEMENTS_MIN, generator.num_generated // BLOCK_FRACTION)
+    max(block_elements_min(device), M / BLOCK_FRACTION) numbers."""
+    budget = max(block_elements_min(generator.offset.device), generator.num_generated // BLOCK_FRACTION)
     return max(1, min(generator.n_chunks, budget // generator.mapping.row_numbers()))
 
 
@@ -86,11 +98,16 @@ class BlockwiseGenerate(torch.autograd.Function):
         present = [g for g in grads if g is not None]
         if not present or not (need_features or any(need_params)):
             return (None, None, None, None, None, *[None] * len(params))
-        incoming = _IncomingGradient(grads, ctx.sizes, sum(g.sum() for g in present) / generator.num_generated,
-                                     features)
-        grad_features = torch.zeros_like(features) if need_features else None
-        grad_params = [torch.zeros_like(p) if need else None for p, need in zip(params, need_params)]
         rows, total, chunk = block_rows(generator), generator.num_generated, generator.chunk_size
+        if rows >= generator.n_chunks:
+            # One block: its incoming gradient is all M numbers, concatenated once; the mean is one sum of it (a sum
+            # per piece and their Python sum were ~2 small ops per generated tensor)
+            whole = _IncomingGradient(grads, ctx.sizes, None, features)(0, total)
+            incoming = _OneBlock(whole.sub_(whole.sum() / total))
+        else:
+            incoming = _IncomingGradient(grads, ctx.sizes, sum(g.sum() for g in present) / total, features)
+        grad_features = None
+        grad_params = [None] * len(params)
         with torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
             for start in range(0, generator.n_chunks, rows):
                 stop = min(start + rows, generator.n_chunks)
@@ -102,18 +119,36 @@ class BlockwiseGenerate(torch.autograd.Function):
                 inputs = ([block_features] if need_features else []) + [p for p, n in zip(params, need_params) if n]
                 got = list(torch.autograd.grad(block, inputs, incoming(begin, end), allow_unused=True))
                 if need_features:
-                    grad_features[start:stop] += got.pop(0)
+                    g = got.pop(0)
+                    if grad_features is None and (start, stop) == (0, generator.n_chunks):
+                        grad_features = g
+                    else:
+                        if grad_features is None:
+                            grad_features = torch.zeros_like(features)
+                        grad_features[start:stop] += g
                 for i, need in enumerate(need_params):
                     if need:
                         g = got.pop(0)
-                        if g is not None:
-                            grad_params[i] += g
+                        if g is not None:  # a fresh tensor of autograd.grad: summed into in place
+                            grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+        grad_params = [torch.zeros_like(p) if need and g is None else g for p, g, need in zip(params, grad_params,
+                                                                                               need_params)]
         return (None, grad_features, None, None, None, *grad_params)
+
+
+class _OneBlock:
+    """The incoming gradient of a generation that is one block: already assembled and centred."""
+
+    def __init__(self, whole: torch.Tensor):
+        self.whole = whole
+
+    def __call__(self, begin: int, end: int) -> torch.Tensor:
+        return self.whole[begin:end]
 
 
 class _IncomingGradient:
     """The incoming gradient of numbers [begin, end), read from the pieces' gradients where they lie, minus the mean
-    (the backward of the centring)."""
+    (the backward of the centring; ``mean`` None: not centred)."""
 
     def __init__(self, grads, sizes, mean, like: torch.Tensor):
         self.grads, self.sizes, self.mean, self.like = grads, sizes, mean, like
@@ -132,4 +167,5 @@ class _IncomingGradient:
                 parts.append(torch.zeros(hi - lo, dtype=self.like.dtype, device=self.like.device))
             else:
                 parts.append(g.reshape(-1)[lo - start: hi - start])
-        return (torch.cat(parts) if len(parts) > 1 else parts[0].clone()).sub_(self.mean)
+        out = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        return out if self.mean is None else out.sub_(self.mean)

@@ -152,6 +152,9 @@ class QPAGenerator(nn.Module):
         would not equal the base model, and the saved snapshot would depend on whether the last forward ran under
         autocast."""
         with torch.autocast(self.offset.device.type, enabled=False):
+            prepare = getattr(self.mapping, "prepare_compiled", None)
+            if prepare is not None:  # the optional torch.compile of the mapping (compiled.py), outside any checkpoint
+                prepare(self.offset.device, self.mapping.output_dtype)
             bits = self.basis_matrix(step, training)
             if self.num_generated >= blockwise.BLOCKWISE_MIN_GENERATED:
                 return blockwise.blockwise_output(self, self.features(step), offset, sizes, bits)

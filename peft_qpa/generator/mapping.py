@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import compiled
 from .config import ACTIVATIONS, MAPPINGS_OPTIONS
 
 # "none": an identity between the layers (the whole mapping is affine, as in the QPA authors' code); it keeps the
@@ -41,6 +42,14 @@ class MLPMapping(nn.Sequential):
             for layer in self:
                 if isinstance(layer, nn.Linear):
                     layer.reset_parameters()
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        # nn.Sequential's forward, compiled where PEFT_QPA_COMPILE_MAPPING asks for it (compiled.py; off by default)
+        return compiled.call(self, rows, nn.Sequential.forward)
+
+    def prepare_compiled(self, device, dtype) -> None:
+        """Compile the forward now if ``PEFT_QPA_COMPILE_MAPPING`` asks for it (see :mod:`.compiled`)."""
+        compiled.prepare(self, nn.Sequential.forward, self[0].in_features, device, dtype)
 
     def row_numbers(self) -> int:
         """Numbers of activation one input row holds: its input, each hidden layer's output before and after the

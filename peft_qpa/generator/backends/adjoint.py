@@ -12,13 +12,15 @@ import torch
 
 from . import fused_kernel
 from .fused_path import _serial_gradient_state
-from .stages import _PermutationStage, first_columns, stage_blocks
+from .stages import _PermutationStage, kron_batched
 
 
 class AdjointSweep:
-    """The torch adjoint backward of the statevector simulator (a mixin: it holds no state of its own)."""
+    """The torch adjoint backward of the statevector simulator (a mixin: its only state is a cache of small index
+    tensors, :meth:`_angle_index`)."""
 
-    def _adjoint_backward(self, angles: torch.Tensor, buffers: list, fused=None, threads=None) -> torch.Tensor:
+    def _adjoint_backward(self, angles: torch.Tensor, buffers: list, fused=None, threads=None,
+                          built: "dict | None" = None) -> torch.Tensor:
         """dL/dangles from the final state and dL/dstate, sweeping the stages backwards.
 
         The small gradients of all blocks (and of the first layer's product-state columns) from
@@ -26,24 +28,33 @@ class AdjointSweep:
         ``buffers`` is ``[final state, dL/dstate]``; the list is emptied so that, when the caller holds no other
         reference, each state is released as soon as the sweep is past it. ``fused``: the compiled kernel where
         the caller found that it applies (:meth:`_fused_module`); the sweep then runs in it
-        (:meth:`_fused_sweep`) with ``threads``."""
+        (:meth:`_fused_sweep`) with ``threads``. ``built``: the rotation blocks and first-layer columns of the forward
+        (:meth:`statevector`'s ``_built``), reused instead of built again."""
         if fused is not None:
             y, lam = buffers.pop(0), buffers.pop(0)
             with torch.no_grad():
                 return self._fused_sweep(angles, y, lam, fused, threads)
         with torch.no_grad():
-            block_grads = self._block_gradients(angles, buffers)
+            block_grads = self._block_gradients(angles, buffers, built)
             grad = torch.zeros_like(angles)
             groups: dict = {}
             for idx, g, column in block_grads:
                 groups.setdefault((len(idx), column), []).append((idx, g))
             for (_, column), items in groups.items():
-                index = torch.tensor([idx for idx, _ in items], dtype=torch.long, device=angles.device)
+                index = self._angle_index([idx for idx, _ in items], angles.device)
                 g = torch.stack([g for _, g in items])
                 grad.index_add_(0, index.reshape(-1), _kron_angle_grads(angles[index], g, column).reshape(-1))
         return grad
 
-    def _block_gradients(self, angles: torch.Tensor, buffers: list) -> list:
+    def _angle_index(self, rows: list, device) -> torch.Tensor:
+        """``torch.tensor(rows)`` on ``device``, made once per device and kept (no host-to-device copy per call)."""
+        key = (str(device), tuple(map(tuple, rows)))
+        cache = self.__dict__.setdefault("_angle_indices", {})
+        if key not in cache:
+            cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return cache[key]
+
+    def _block_gradients(self, angles: torch.Tensor, buffers: list, built: "dict | None" = None) -> list:
         """(angle indices, dL/dB, is a first-layer column) for every rotation block, last stage first.
 
         At every stage ``y = S(x)`` the sweep holds y and λ = dL/dy, reconstructs x = S^-1(y) and sets
@@ -53,6 +64,8 @@ class AdjointSweep:
         stages = self._stages
         product_start = self._starts_with_product_state()
         block_grads = []
+        built = built or {}
+        all_blocks = built["blocks"] if "blocks" in built else self._rotation_blocks(angles, dtype)
         y, lam = buffers.pop(0), buffers.pop(0)
         for i in range(len(stages) - 1, 0 if product_start else -1, -1):
             stage = stages[i]
@@ -65,7 +78,7 @@ class AdjointSweep:
                 del lam
                 y, lam = x, lam_x
                 continue
-            blocks = stage_blocks(stage, angles, dtype)
+            blocks = [all_blocks[(i, j)] for j in range(len(stage.blocks))]
             for j in range(len(blocks) - 1, -1, -1):
                 block = blocks[j]
                 d = block.shape[0]
@@ -93,7 +106,7 @@ class AdjointSweep:
         if product_start:
             # state = c_m ⊗ ... ⊗ c_1 (the last block's column most significant)
             first = stages[0]
-            columns = first_columns(first, angles, dtype)
+            columns = built["columns"] if "columns" in built else self._first_columns(angles, dtype)
             prefixes = [columns[0]]
             for column in columns[1:-1]:
                 prefixes.append(torch.outer(column, prefixes[-1]).reshape(-1))
@@ -118,15 +131,11 @@ def _kron_angle_grads(angles: torch.Tensor, grads: torch.Tensor, column: bool) -
     dmats = 0.5 * torch.stack([torch.stack([-s, -c], -1), torch.stack([c, -s], -1)], -2)
     if column:
         mats, dmats = mats[..., :1], dmats[..., :1]
-    out = []
-    for q in range(k):
-        factors = [dmats[:, j] if j == q else mats[:, j] for j in range(k)]
-        block = factors[-1]
-        for j in range(k - 2, -1, -1):  # highest qubit most significant, as in stages.kron
-            a, b = block, factors[j]
-            block = (a[:, :, None, :, None] * b[:, None, :, None, :]).reshape(nb, a.shape[1] * 2, a.shape[2] * b.shape[2])
-        out.append((block * grads).sum((1, 2)))
-    return torch.stack(out, 1)
+    # all k derivatives at once: factors[:, q, j] = RY'(θ_j) if j == q else RY(θ_j), (nb, k, k, 2, c)
+    derivative = torch.eye(k, dtype=torch.bool, device=angles.device)[None, :, :, None, None]
+    factors = torch.where(derivative, dmats[:, None], mats[:, None])
+    blocks = kron_batched(factors.reshape(nb * k, k, *mats.shape[-2:]))  # highest qubit most significant
+    return (blocks.view(nb, k, *blocks.shape[1:]) * grads[:, None]).sum((2, 3))
 
 
 class _AdjointProbabilities(torch.autograd.Function):
@@ -146,7 +155,8 @@ class _AdjointProbabilities(torch.autograd.Function):
             if fused is not None:
                 state, probs = sim._fused_probabilities(angles, fused)
             else:
-                state = sim.statevector(angles, _as_if_grad=True)
+                ctx.built = {}  # the rotation blocks, kept for the backward (a few small matrices per layer)
+                state = sim.statevector(angles, _as_if_grad=True, _built=ctx.built)
                 probs = state.square()
         ctx.sim = sim
         ctx.save_for_backward(angles)
@@ -174,7 +184,8 @@ class _AdjointProbabilities(torch.autograd.Function):
             lam.mul_(2)
         buffers = [state, lam]
         del state, lam
-        return sim._adjoint_backward(angles, buffers, fused, threads), None
+        built = None if fused is not None else getattr(ctx, "built", None)
+        return sim._adjoint_backward(angles, buffers, fused, threads, built), None
 
 
 def _graph_kept() -> bool:

@@ -55,6 +55,8 @@ from .stages import (  # noqa: F401  (GROUP_QUBITS and the stage types stay impo
     apply_full_layer,
     compile_stages,
     first_columns,
+    group_blocks,
+    plan_block_groups,
     stage_blocks,
 )
 
@@ -92,7 +94,13 @@ class StatevectorSimulator(FusedKernelPath, AdjointSweep, torch.nn.Module):
         self.use_adjoint = not self.is_complex and (
             gradient in ("adjoint", "auto"))
         self._stages, buffers = compile_stages(program, self.n_qubits)
-        for name, buffer in buffers.items():
+        # Every rotation block of a forward (or of a backward sweep) is built by a few batched ops per block size
+        # (stages.group_blocks), from angle indices kept as buffers (no host-to-device copy per call).
+        first = 1 if self._starts_with_product_state() else 0
+        self._block_groups, group_buffers = plan_block_groups(self._stages, first)
+        self._column_groups, column_buffers = (
+            plan_block_groups(self._stages, 0, columns=True, prefix="_columns") if first else ([], {}))
+        for name, buffer in {**buffers, **group_buffers, **column_buffers}.items():
             self.register_buffer(name, buffer, persistent=False)
         self.kernel = kernel
         self._workspace = _Workspace()
@@ -114,14 +122,30 @@ class StatevectorSimulator(FusedKernelPath, AdjointSweep, torch.nn.Module):
         first = self._stages[0] if self._stages else None
         return isinstance(first, _RotationStage) and first.full
 
-    def statevector(self, angles: torch.Tensor, _as_if_grad: bool = False) -> torch.Tensor:
+    def _rotation_blocks(self, angles: torch.Tensor, dtype) -> dict:
+        """{(stage position, block position): Kronecker block} of every rotation stage after a product-state first
+        layer (of every rotation stage without one); each equals :func:`stage_blocks`' block, bit for bit."""
+        blocks = {}
+        for group in self._block_groups:
+            blocks.update(zip(group.members, group_blocks(group, getattr(self, group.index), angles, dtype).unbind(0)))
+        return blocks
+
+    def _first_columns(self, angles: torch.Tensor, dtype) -> list:
+        """The first layer's block columns (as :func:`first_columns` gives them) when it acts on |0...0>."""
+        columns = {}
+        for group in self._column_groups:
+            columns.update(zip(group.members, group_blocks(group, getattr(self, group.index), angles, dtype).unbind(0)))
+        return [columns[(0, j)] for j in range(len(self._stages[0].blocks))]
+
+    def statevector(self, angles: torch.Tensor, _as_if_grad: bool = False, _built: "dict | None" = None) -> torch.Tensor:
         """The final state (real for RY-only circuits, complex otherwise), length 2^N (autograd path).
 
         ``_as_if_grad`` (used by the adjoint forward, which runs under ``no_grad``): make the partial-layer
         block matmuls take the code path they take when the block requires grad. ``torch.matmul`` of a
         2-D block with a 3-D view folds the batch into one matmul only when the block does not require
         grad, which rounds differently; with this flag the adjoint forward is bit-identical to the
-        autograd forward. (Full layers use ``torch.mm`` and are the same either way.)"""
+        autograd forward. (Full layers use ``torch.mm`` and are the same either way.) ``_built`` (the adjoint
+        forward too): a dict that receives the rotation blocks and first-layer columns, which its backward reuses."""
         self._check(angles)
         dtype = self._dtype(angles)
         stages = self._stages
@@ -129,23 +153,31 @@ class StatevectorSimulator(FusedKernelPath, AdjointSweep, torch.nn.Module):
         module = None if graph_needed else self._fused_module(angles)
         if module is not None:
             return self._fused_statevector(angles, module)
+        first = 0
         if self._starts_with_product_state():
             # The first layer acts on |0...0>: the result is the product state, a Kronecker product of
             # each block's first column, built without touching a 2^N zero vector (no matmuls, and
             # no backward through them). Each amplitude is the same product, in the same order, as
             # the block matmuls would form (the other terms they add are exact zeros).
             state = None
-            for column in first_columns(stages[0], angles, dtype):
+            columns = self._first_columns(angles, dtype)
+            if _built is not None:
+                _built["columns"] = columns
+            for column in columns:
                 state = column if state is None else torch.outer(column, state).reshape(-1)
-            stages = stages[1:]
+            first = 1
         else:
             state = torch.zeros(2**self.n_qubits, dtype=dtype, device=angles.device)
             state[0] = 1
-        for stage in stages:
+        all_blocks = self._rotation_blocks(angles, dtype)
+        if _built is not None:
+            _built["blocks"] = all_blocks
+        for position in range(first, len(stages)):
+            stage = stages[position]
             if isinstance(stage, _PermutationStage):
                 state = _Permute.apply(state, getattr(self, stage.index), getattr(self, stage.inverse))
                 continue
-            blocks = stage_blocks(stage, angles, dtype)
+            blocks = [all_blocks[(position, j)] for j in range(len(stage.blocks))]
             if stage.full:
                 state = apply_full_layer(state, blocks)
             else:
