@@ -432,6 +432,7 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "all_linear_edges": _grid(al, b, {"mps4_5pct": (3e-2,), "multi4_affine_10pct": (3e-2,), "vera_r256_top4": (3e-1,),
                                           "fourierft_n500": (3e-1,), "vblora_nv16": (1e-1,)}),
         "all_linear_edges_seeds": _seeds(al, b, ["mps4_5pct", "multi4_affine_10pct", "vera_r256_top4", "fourierft_n500", "vblora_nv16"]),
+        "all_linear_edges_2": (_grid(al, b, {"fourierft_n500": (1e-1,)}) + _seeds(al, b, ["fourierft_n500"])),  # 0.3 was the edge
         "all_linear_mps_controls": _reuse(al, b, [f"mps4_5pct__{c}" for c in DESIGN_CONTROLS
                                                   if f"mps4_5pct__{c}" in specs_for(al, smoke)], "mps4_5pct"),
         "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")
