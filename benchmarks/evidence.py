@@ -286,6 +286,8 @@ DESIGNS_AL = {  # name: (design, generator fields)
     "multi4_affine_5pct": ("multi-feature", dict(DESIGNS_MORE["multi4_affine"][1], chunk_size=512, qnn_depth=8)),
     "multi4_affine_10pct": ("multi-feature", dict(DESIGNS_MORE["multi4_affine"][1], chunk_size=960, qnn_depth=8)),
     "mps4_5pct": ("mps-mapping", dict(DESIGNS_MORE["mps4"][1], chunk_size=1024, qnn_depth=8)),
+    "mps4_2pct": ("mps-mapping", dict(DESIGNS_MORE["mps4"][1], chunk_size=384, qnn_depth=8)),  # 6,488 parameters
+    "mps4_10pct": ("mps-mapping", dict(DESIGNS_MORE["mps4"][1], chunk_size=1984, qnn_depth=8)),  # 32,008 parameters
 }
 
 
@@ -433,6 +435,9 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
                                           "fourierft_n500": (3e-1,), "vblora_nv16": (1e-1,)}),
         "all_linear_edges_seeds": _seeds(al, b, ["mps4_5pct", "multi4_affine_10pct", "vera_r256_top4", "fourierft_n500", "vblora_nv16"]),
         "all_linear_edges_2": (_grid(al, b, {"fourierft_n500": (1e-1,)}) + _seeds(al, b, ["fourierft_n500"])),  # 0.3 was the edge
+        "all_linear_mps_sizes": (_grid(al, b, {n: (3e-3, 1e-2, 3e-2) for n in ("mps4_2pct", "mps4_10pct")})
+                                 + _seeds(al, b, ["mps4_2pct", "mps4_10pct"])),
+        "all_linear_mps10_controls": _reuse(al, b, ["mps4_10pct__const", "mps4_10pct__frozen"], "mps4_10pct"),
         "all_linear_mps_controls": _reuse(al, b, [f"mps4_5pct__{c}" for c in DESIGN_CONTROLS
                                                   if f"mps4_5pct__{c}" in specs_for(al, smoke)], "mps4_5pct"),
         "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")
