@@ -102,14 +102,6 @@ def _rotation_matrices(gate: str, angles: torch.Tensor) -> torch.Tensor:
     return torch.complex(real, imag)
 
 
-def kron(matrices: torch.Tensor) -> torch.Tensor:
-    """Kronecker product of (k, 2, 2) matrices of qubits low..low+k-1 (highest qubit most significant)."""
-    block = matrices[-1]
-    for j in range(matrices.shape[0] - 2, -1, -1):
-        block = torch.kron(block, matrices[j])
-    return block
-
-
 @dataclass
 class _BlockGroup:
     """Rotation blocks of one gate and one size k, built together (:func:`group_blocks`): ``index`` names the
@@ -145,7 +137,7 @@ def plan_block_groups(stages: list, first: int, columns: bool = False, prefix: s
 
 def group_blocks(group: _BlockGroup, index: torch.Tensor, angles: torch.Tensor, dtype) -> torch.Tensor:
     """The group's blocks, (blocks, 2^k, 2^k) (with ``columns``: (blocks, 2^k), their first columns), each
-    bit-identical to :func:`stage_blocks`' (the same products in the same order, batched)."""
+    the Kronecker product of the block's rotation matrices (highest qubit most significant)."""
     matrices = _rotation_matrices(group.gate, angles[index]).to(dtype)  # (blocks, k, 2, 2)
     if group.columns:
         return kron_batched(matrices[..., :1])[..., 0]
@@ -153,23 +145,14 @@ def group_blocks(group: _BlockGroup, index: torch.Tensor, angles: torch.Tensor, 
 
 
 def kron_batched(matrices: torch.Tensor) -> torch.Tensor:
-    """:func:`kron` of a batch: (b, k, 2, c) -> (b, 2^k, c^k), each product formed as ``torch.kron`` forms it."""
+    """Kronecker products of a batch of k per-qubit matrices (qubits low..low+k-1, highest qubit most significant):
+    (b, k, 2, c) -> (b, 2^k, c^k), each product formed in the order ``torch.kron`` forms it."""
     block = matrices[:, -1]
     for j in range(matrices.shape[1] - 2, -1, -1):
         a, b = block, matrices[:, j]
         block = (a[:, :, None, :, None] * b[:, None, :, None, :]).reshape(
             a.shape[0], a.shape[1] * b.shape[1], a.shape[2] * b.shape[2])
     return block
-
-
-def stage_blocks(stage: _RotationStage, angles: torch.Tensor, dtype) -> list[torch.Tensor]:
-    """The Kronecker block of each block of a rotation stage."""
-    return [kron(_rotation_matrices(stage.gate, angles[idx]).to(dtype)) for idx in stage.blocks]
-
-
-def first_columns(stage: _RotationStage, angles: torch.Tensor, dtype) -> list[torch.Tensor]:
-    """First column of each block of a first full layer (the block applied to |0...0>)."""
-    return [kron(_rotation_matrices(stage.gate, angles[idx]).to(dtype)[:, :, :1])[:, 0] for idx in stage.blocks]
 
 
 def apply_full_layer(state: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:

@@ -54,10 +54,8 @@ from .stages import (  # noqa: F401  (GROUP_QUBITS and the stage types stay impo
     apply_block,
     apply_full_layer,
     compile_stages,
-    first_columns,
     group_blocks,
     plan_block_groups,
-    stage_blocks,
 )
 
 GRADIENT_MODES = ("auto", "adjoint", "autograd")
@@ -122,19 +120,21 @@ class StatevectorSimulator(FusedKernelPath, AdjointSweep, torch.nn.Module):
         first = self._stages[0] if self._stages else None
         return isinstance(first, _RotationStage) and first.full
 
-    def _rotation_blocks(self, angles: torch.Tensor, dtype) -> dict:
-        """{(stage position, block position): Kronecker block} of every rotation stage after a product-state first
-        layer (of every rotation stage without one); each equals :func:`stage_blocks`' block, bit for bit."""
+    def _grouped_blocks(self, groups, angles: torch.Tensor, dtype) -> dict:
+        """{(stage position, block position): block} of ``groups`` (:func:`stages.plan_block_groups`): the Kronecker
+        product of that block's rotation matrices (its first column for column groups)."""
         blocks = {}
-        for group in self._block_groups:
+        for group in groups:
             blocks.update(zip(group.members, group_blocks(group, getattr(self, group.index), angles, dtype).unbind(0)))
         return blocks
 
+    def _rotation_blocks(self, angles: torch.Tensor, dtype) -> dict:
+        """The Kronecker block of every rotation stage after a product-state first layer (of every one without)."""
+        return self._grouped_blocks(self._block_groups, angles, dtype)
+
     def _first_columns(self, angles: torch.Tensor, dtype) -> list:
-        """The first layer's block columns (as :func:`first_columns` gives them) when it acts on |0...0>."""
-        columns = {}
-        for group in self._column_groups:
-            columns.update(zip(group.members, group_blocks(group, getattr(self, group.index), angles, dtype).unbind(0)))
+        """The first layer's block columns, in block order, when it acts on |0...0>."""
+        columns = self._grouped_blocks(self._column_groups, angles, dtype)
         return [columns[(0, j)] for j in range(len(self._stages[0].blocks))]
 
     def statevector(self, angles: torch.Tensor, _as_if_grad: bool = False, _built: "dict | None" = None) -> torch.Tensor:
