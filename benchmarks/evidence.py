@@ -288,6 +288,13 @@ DESIGNS_AL = {  # name: (design, generator fields)
     "mps4_5pct": ("mps-mapping", dict(DESIGNS_MORE["mps4"][1], chunk_size=1024, qnn_depth=8)),
     "mps4_2pct": ("mps-mapping", dict(DESIGNS_MORE["mps4"][1], chunk_size=384, qnn_depth=8)),  # 6,488 parameters
     "mps4_10pct": ("mps-mapping", dict(DESIGNS_MORE["mps4"][1], chunk_size=1984, qnn_depth=8)),  # 32,008 parameters
+    # the authors' two choices alone, and their deterministic configuration, at the published configuration's size
+    "pub_affine_none": ("published-nobits", dict(DESIGNS["pub_affine_none"][1], chunk_size=64, qnn_depth=8)),
+    "pub_affine_bits": ("affine-bits", dict(DESIGNS["pub_affine_bits"][1], chunk_size=64, qnn_depth=8)),
+    "pub_gelu_none": ("gelu-nobits", dict(DESIGNS["pub_gelu_none"][1], chunk_size=64, qnn_depth=8)),
+    # the distributed ansatz and the deep circuit at about 5 % (the four-readout design's chunk)
+    "dist2_affine_5pct": ("distributed", dict(DESIGNS_MORE["dist2_affine"][1], chunk_size=512, qnn_depth=8)),
+    "deep64_affine_5pct": ("deep", dict(DESIGNS_MORE["deep64_affine"][1], chunk_size=512)),
 }
 
 
@@ -312,9 +319,10 @@ def design_specs_all_linear() -> list[Spec]:
             out.append(Spec(f"{name}__{suffix}", method, _qpa(**cfg), 4, cfg, design=design))
     # The constant control at its own best lr (a check that it is not worse only for diverging at the full config's
     # lr; it can only make the control look better). Not one of the goals' controls, which share the full config's lr.
-    kw = {k: v for k, v in DESIGNS_AL["multi4_affine_5pct"][1].items() if k != "readout_settings"}
-    cfg = {**kw, "probability_input": "constant"}
-    out.append(Spec("multi4_affine_5pct__const_own_lr", "qpa-ablation-const", _qpa(**cfg), 4, cfg, design="multi-feature"))
+    for name in ("multi4_affine_5pct", "multi4_affine_10pct"):
+        kw = {k: v for k, v in DESIGNS_AL[name][1].items() if k != "readout_settings"}
+        cfg = {**kw, "probability_input": "constant"}
+        out.append(Spec(f"{name}__const_own_lr", "qpa-ablation-const", _qpa(**cfg), 4, cfg, design="multi-feature"))
     return out
 
 
@@ -428,6 +436,8 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "all_linear_peers_seeds": _seeds(al, b, list(AL_PEER_GRID)),
         "all_linear_const_own_lr": (_grid(al, b, {"multi4_affine_5pct__const_own_lr": (1e-3, 3e-3)})
                                     + _seeds(al, b, ["multi4_affine_5pct__const_own_lr"])),
+        "all_linear_const_own_lr_10": (_grid(al, b, {"multi4_affine_10pct__const_own_lr": (3e-4, 1e-3, 3e-3)})
+                                       + _seeds(al, b, ["multi4_affine_10pct__const_own_lr"])),
         "all_linear_designs_sizes": (_grid(al, b, {n: (1e-3, 3e-3, 1e-2) for n in ("mps4_5pct", "multi4_affine_2pct", "multi4_affine_10pct")})
                                      + _seeds(al, b, ["mps4_5pct", "multi4_affine_2pct", "multi4_affine_10pct"])),
         # grid edges of the sizes/peers grids (the peers' edges too: a peer left at its edge would flatter QPA)
@@ -440,6 +450,19 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "all_linear_mps10_controls": _reuse(al, b, ["mps4_10pct__const", "mps4_10pct__frozen"], "mps4_10pct"),
         "all_linear_mps_controls": _reuse(al, b, [f"mps4_5pct__{c}" for c in DESIGN_CONTROLS
                                                   if f"mps4_5pct__{c}" in specs_for(al, smoke)], "mps4_5pct"),
+        "all_linear_sizes_controls": [j for n in ("multi4_affine_10pct", "multi4_affine_2pct", "mps4_2pct")
+                                      for j in _reuse(al, b, [f"{n}__{c}" for c in DESIGN_CONTROLS
+                                                              if f"{n}__{c}" in specs_for(al, smoke)], n)]
+                                     + _reuse(al, b, ["mps4_10pct__classical"], "mps4_10pct"),
+        "all_linear_pub_choices": (_grid(al, b, {n: (3e-4, 1e-3, 3e-3, 1e-2) for n in ("pub_affine_none", "pub_affine_bits", "pub_gelu_none")})
+                                   + _grid(al, b, {"pub_affine_none": (3e-2,), "pub_gelu_none": (3e-2,)})  # 1e-2 was the edge
+                                   + _seeds(al, b, ["pub_affine_none", "pub_affine_bits", "pub_gelu_none"])
+                                   + _reuse(al, b, [f"pub_affine_none__{c}" for c in DESIGN_CONTROLS], "pub_affine_none")),
+        "all_linear_dist_deep": (_grid(al, b, {n: (3e-4, 1e-3, 3e-3, 1e-2) for n in ("dist2_affine_5pct", "deep64_affine_5pct")})
+                                 + _seeds(al, b, ["dist2_affine_5pct", "deep64_affine_5pct"])
+                                 + [j for n in ("dist2_affine_5pct", "deep64_affine_5pct")
+                                    for j in _reuse(al, b, [f"{n}__{c}" for c in DESIGN_CONTROLS
+                                                            if f"{n}__{c}" in specs_for(al, smoke)], n)]),
         "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")
                             + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
     }
@@ -1040,7 +1063,7 @@ def report(args) -> dict:
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    out["plots"] = plot(out, output.parent)
+    out["plots"] = [Path(p).name for p in plot(out, output.parent)]  # beside the JSON: no machine's absolute path
     output.write_text(json.dumps(out, indent=1, default=float))
     print(f"[evidence] wrote {output} ({len(runs)} runs) and {out['plots']}", flush=True)
     return out

@@ -523,7 +523,7 @@ def report(args) -> dict:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     picture = plot(summary, base.get("eval_ppl"), output.with_suffix(".png"), base.get("model"))
-    out["plots"] = [picture] if picture else []
+    out["plots"] = [Path(picture).name] if picture else []  # beside the JSON: no machine's absolute path
     output.write_text(json.dumps(out, indent=1, default=float))
     print(f"[noise] wrote {output} ({len(runs)} runs) and {out['plots']}", flush=True)
     return out

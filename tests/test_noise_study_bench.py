@@ -87,7 +87,7 @@ def test_report_and_plot(smoke):
     assert set(rows) >= {"ideal", "shots", "fake_perth", "fake_perth_mit_gi"}
     assert all(r["n_seeds"] == 1 and math.isfinite(r["eval_ppl_mean"]) for r in rows.values())
     assert data["devices"]["fake_perth"]["median_2q_error"] == rows["fake_perth"]["median_2q_error"]
-    assert data["plots"] and all(Path(p).is_file() for p in data["plots"])
+    assert data["plots"] and all((root / p).is_file() for p in data["plots"])  # named relative to the JSON
 
 
 def test_plan_is_in_priority_order(study):
