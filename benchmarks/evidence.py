@@ -436,7 +436,7 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "all_linear_peers_seeds": _seeds(al, b, list(AL_PEER_GRID)),
         "all_linear_const_own_lr": (_grid(al, b, {"multi4_affine_5pct__const_own_lr": (1e-3, 3e-3)})
                                     + _seeds(al, b, ["multi4_affine_5pct__const_own_lr"])),
-        "all_linear_const_own_lr_10": (_grid(al, b, {"multi4_affine_10pct__const_own_lr": (3e-4, 1e-3, 3e-3)})
+        "all_linear_const_own_lr_10": (_grid(al, b, {"multi4_affine_10pct__const_own_lr": (1e-4, 3e-4, 1e-3, 3e-3)})
                                        + _seeds(al, b, ["multi4_affine_10pct__const_own_lr"])),
         "all_linear_designs_sizes": (_grid(al, b, {n: (1e-3, 3e-3, 1e-2) for n in ("mps4_5pct", "multi4_affine_2pct", "multi4_affine_10pct")})
                                      + _seeds(al, b, ["mps4_5pct", "multi4_affine_2pct", "multi4_affine_10pct"])),
