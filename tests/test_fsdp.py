@@ -56,8 +56,34 @@ def _run(cmd, tmp_path, timeout=240):
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         raise AssertionError(f"timed out: {stderr[-3000:]}")
-    assert proc.returncode == 0, (stdout[-2000:], stderr[-4000:])
+    if proc.returncode != 0:  # the whole tail, not pytest's truncated repr of it
+        raise AssertionError(f"exit {proc.returncode}\n--- stdout ---\n{stdout[-2000:]}\n--- stderr ---\n{stderr[-6000:]}")
     return stdout
+
+
+# A rank of a CPU launch over gloo was once seen to die of SIGABRT, in one full-suite run of many; the same launch
+# passed when repeated. Such a launch is retried once, from its output folder as it was before the launch (a
+# checkpoint the first try left there would make the example resume; one the test put there must stay), with a
+# warning; a second failure, or any other failure, fails the test.
+ABORTED_RANK = "Signal 6 (SIGABRT)"
+
+
+def _run_retrying_abort(cmd, tmp_path, out: Path):
+    before = out.parent / f"{out.name}-before-launch"
+    if out.exists():
+        shutil.copytree(out, before)
+    try:
+        return _run(cmd, tmp_path)
+    except AssertionError as error:
+        if ABORTED_RANK not in str(error):
+            raise
+        import warnings
+
+        warnings.warn(f"a rank aborted; retrying the launch once:\n{str(error)[-1500:]}")
+        shutil.rmtree(out, ignore_errors=True)
+        if before.exists():
+            shutil.copytree(before, out)
+        return _run(cmd, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +216,7 @@ def _launch(tiny, out, tmp_path, *extra):
     accelerate = shutil.which("accelerate")
     cmd = [accelerate, "launch", "--config_file", str(CONFIG), "--num_processes", "2", "--main_process_port",
            str(_free_port()), str(SHIM), str(SCRIPT), *_clm_args(tiny, out, *extra)]
-    _run(cmd, tmp_path)
+    _run_retrying_abort(cmd, tmp_path, out)
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     return [h["loss"] for h in history if "loss" in h], [json.loads((out / f"engine_rank{r}.json").read_text()) for r in (0, 1)]
 
