@@ -362,6 +362,12 @@ def _reuse(regime, budget, names, lr_from, seeds=SEEDS) -> list[Job]:
     return [Job(n, regime, budget, seeds, None, lr_from) for n in names]
 
 
+def _controls(regime, budget, designs, known) -> list[Job]:
+    """Each design's controls of :data:`DESIGN_CONTROLS` that ``known`` (the regime's spec names) has, three seeds
+    at the design's best seed-0 lr."""
+    return [j for n in designs for j in _reuse(regime, budget, [f"{n}__{c}" for c in DESIGN_CONTROLS if f"{n}__{c}" in known], n)]
+
+
 ABLATIONS_CORE = ("const", "frozen")
 ABLATIONS_MORE = ("L1", "L2", "rx", "c1", "c1_gi", "c20", "c20_gi", "angle_lr10")
 
@@ -391,6 +397,7 @@ AL_PEER_GRID = {
 
 def plan(smoke: bool = False) -> dict[str, list[Job]]:
     lm, al, b = "lm_head", "all_linear", BASE_BUDGET
+    lm_specs, al_specs = specs_for(lm, smoke), specs_for(al, smoke)  # once: each builds every spec of its regime
     groups = {
         "lm_head_grid": _grid(lm, b, LM_GRID),
         "lm_head_seeds": _seeds(lm, b, list(LM_GRID)),
@@ -403,13 +410,9 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "lm_head_designs_seeds": _seeds(lm, b, list(DESIGNS)),
         "lm_head_designs_more_grid": _grid(lm, b, {n: (1e-3, 3e-3, 1e-2, 3e-2) for n in DESIGNS_MORE}),
         "lm_head_designs_more_seeds": _seeds(lm, b, list(DESIGNS_MORE)),
-        "lm_head_designs_more_controls": [j for n in ("mps4", "multi4_affine")
-                                          for j in _reuse(lm, b, [f"{n}__{c}" for c in DESIGN_CONTROLS
-                                                                  if f"{n}__{c}" in specs_for(lm, smoke)], n)],
+        "lm_head_designs_more_controls": _controls(lm, b, ("mps4", "multi4_affine"), lm_specs),
         "lm_head_designs_more_low": _grid(lm, b, {"dist2_affine": (3e-4,), "deep64_affine": (3e-4,)}),  # 1e-3 was the edge
-        "lm_head_designs_more_controls_2": [j for n in ("dist2_affine", "deep64_affine")
-                                            for j in _reuse(lm, b, [f"{n}__{c}" for c in DESIGN_CONTROLS
-                                                                    if f"{n}__{c}" in specs_for(lm, smoke)], n)],
+        "lm_head_designs_more_controls_2": _controls(lm, b, ("dist2_affine", "deep64_affine"), lm_specs),
         "lm_head_designs_controls": [j for n in ("pub_affine_shuffled", "pub_affine_none")
                                      for j in _reuse(lm, b, [f"{n}__{c}" for c in DESIGN_CONTROLS], n)],
         "lm_head_budget": [Job(n, lm, 4 * b, (0,), lrs) for n, lrs in
@@ -430,9 +433,7 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "all_linear_designs_grid": _grid(al, b, {"multi4_affine_5pct": (1e-3, 3e-3, 1e-2, 3e-2),  # 1e-2 was the edge
                                                  "pub_affine_shuffled": (3e-4, 1e-3, 3e-3, 1e-2)}),  # 1e-3 was the edge
         "all_linear_designs_seeds": _seeds(al, b, ["multi4_affine_5pct", "pub_affine_shuffled"]),
-        "all_linear_designs_controls": [j for n in ("multi4_affine_5pct", "pub_affine_shuffled")
-                                        for j in _reuse(al, b, [f"{n}__{c}" for c in DESIGN_CONTROLS
-                                                                if f"{n}__{c}" in specs_for(al, smoke)], n)],
+        "all_linear_designs_controls": _controls(al, b, ("multi4_affine_5pct", "pub_affine_shuffled"), al_specs),
         "all_linear_peers_seeds": _seeds(al, b, list(AL_PEER_GRID)),
         "all_linear_const_own_lr": (_grid(al, b, {"multi4_affine_5pct__const_own_lr": (1e-3, 3e-3)})
                                     + _seeds(al, b, ["multi4_affine_5pct__const_own_lr"])),
@@ -448,21 +449,16 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "all_linear_mps_sizes": (_grid(al, b, {n: (3e-3, 1e-2, 3e-2) for n in ("mps4_2pct", "mps4_10pct")})
                                  + _seeds(al, b, ["mps4_2pct", "mps4_10pct"])),
         "all_linear_mps10_controls": _reuse(al, b, ["mps4_10pct__const", "mps4_10pct__frozen"], "mps4_10pct"),
-        "all_linear_mps_controls": _reuse(al, b, [f"mps4_5pct__{c}" for c in DESIGN_CONTROLS
-                                                  if f"mps4_5pct__{c}" in specs_for(al, smoke)], "mps4_5pct"),
-        "all_linear_sizes_controls": [j for n in ("multi4_affine_10pct", "multi4_affine_2pct", "mps4_2pct")
-                                      for j in _reuse(al, b, [f"{n}__{c}" for c in DESIGN_CONTROLS
-                                                              if f"{n}__{c}" in specs_for(al, smoke)], n)]
-                                     + _reuse(al, b, ["mps4_10pct__classical"], "mps4_10pct"),
+        "all_linear_mps_controls": _controls(al, b, ("mps4_5pct",), al_specs),
+        "all_linear_sizes_controls": (_controls(al, b, ("multi4_affine_10pct", "multi4_affine_2pct", "mps4_2pct"), al_specs)
+                                      + _reuse(al, b, ["mps4_10pct__classical"], "mps4_10pct")),
         "all_linear_pub_choices": (_grid(al, b, {n: (3e-4, 1e-3, 3e-3, 1e-2) for n in ("pub_affine_none", "pub_affine_bits", "pub_gelu_none")})
                                    + _grid(al, b, {"pub_affine_none": (3e-2,), "pub_gelu_none": (3e-2,)})  # 1e-2 was the edge
                                    + _seeds(al, b, ["pub_affine_none", "pub_affine_bits", "pub_gelu_none"])
                                    + _reuse(al, b, [f"pub_affine_none__{c}" for c in DESIGN_CONTROLS], "pub_affine_none")),
         "all_linear_dist_deep": (_grid(al, b, {n: (3e-4, 1e-3, 3e-3, 1e-2) for n in ("dist2_affine_5pct", "deep64_affine_5pct")})
                                  + _seeds(al, b, ["dist2_affine_5pct", "deep64_affine_5pct"])
-                                 + [j for n in ("dist2_affine_5pct", "deep64_affine_5pct")
-                                    for j in _reuse(al, b, [f"{n}__{c}" for c in DESIGN_CONTROLS
-                                                            if f"{n}__{c}" in specs_for(al, smoke)], n)]),
+                                 + _controls(al, b, ("dist2_affine_5pct", "deep64_affine_5pct"), al_specs)),
         "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")
                             + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
     }

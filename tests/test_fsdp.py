@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -68,22 +69,21 @@ def _run(cmd, tmp_path, timeout=240):
 ABORTED_RANK = "Signal 6 (SIGABRT)"
 
 
-def _run_retrying_abort(cmd, tmp_path, out: Path):
+def _run_retrying_abort(make_cmd, tmp_path, out: Path):
+    """``make_cmd()`` builds the launch (each try gets a fresh rendezvous port)."""
     before = out.parent / f"{out.name}-before-launch"
     if out.exists():
         shutil.copytree(out, before)
     try:
-        return _run(cmd, tmp_path)
+        return _run(make_cmd(), tmp_path)
     except AssertionError as error:
         if ABORTED_RANK not in str(error):
             raise
-        import warnings
-
         warnings.warn(f"a rank aborted; retrying the launch once:\n{str(error)[-1500:]}")
         shutil.rmtree(out, ignore_errors=True)
         if before.exists():
             shutil.copytree(before, out)
-        return _run(cmd, tmp_path)
+        return _run(make_cmd(), tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -214,9 +214,9 @@ def _clm_args(tiny, out, *extra):
 
 def _launch(tiny, out, tmp_path, *extra):
     accelerate = shutil.which("accelerate")
-    cmd = [accelerate, "launch", "--config_file", str(CONFIG), "--num_processes", "2", "--main_process_port",
-           str(_free_port()), str(SHIM), str(SCRIPT), *_clm_args(tiny, out, *extra)]
-    _run_retrying_abort(cmd, tmp_path, out)
+    _run_retrying_abort(lambda: [accelerate, "launch", "--config_file", str(CONFIG), "--num_processes", "2",
+                                 "--main_process_port", str(_free_port()), str(SHIM), str(SCRIPT),
+                                 *_clm_args(tiny, out, *extra)], tmp_path, out)
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     return [h["loss"] for h in history if "loss" in h], [json.loads((out / f"engine_rank{r}.json").read_text()) for r in (0, 1)]
 
