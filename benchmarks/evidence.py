@@ -254,13 +254,28 @@ DESIGN_CONTROLS = {  # suffix: (method, fields)
 }
 
 
+# lm_head: the designs of DESIGNS_MORE at their other two sizes (about 2 %, 5 % or 10 % of LoRA r = 4's 198,912
+# parameters on lm_head; at chunk 256 they are 2.2 % (mps4) and 4.3-4.6 % (the others)). Only the chunk changes, so N
+# changes with it (N = ceil(log2(ceil(198912 / chunk)))).
+DESIGNS_LM_SIZES = {  # name: (design, generator fields)
+    "multi4_affine_2pct": ("multi-feature", dict(DESIGNS_MORE["multi4_affine"][1], chunk_size=112)),  # 3,988
+    "multi4_affine_10pct": ("multi-feature", dict(DESIGNS_MORE["multi4_affine"][1], chunk_size=576)),  # 19,276
+    "mps4_5pct": ("mps-mapping", dict(DESIGNS_MORE["mps4"][1], chunk_size=512)),  # 8,496
+    "mps4_10pct": ("mps-mapping", dict(DESIGNS_MORE["mps4"][1], chunk_size=1216)),  # 19,720
+    "dist2_affine_2pct": ("distributed", dict(DESIGNS_MORE["dist2_affine"][1], chunk_size=112)),  # 3,848
+    "dist2_affine_10pct": ("distributed", dict(DESIGNS_MORE["dist2_affine"][1], chunk_size=576)),  # 19,144
+    "deep64_affine_2pct": ("deep", dict(DESIGNS_MORE["deep64_affine"][1], chunk_size=96)),  # 4,000
+    "deep64_affine_10pct": ("deep", dict(DESIGNS_MORE["deep64_affine"][1], chunk_size=576)),  # 19,648
+}
+
+
 def design_specs(main: dict) -> list[Spec]:
-    """The designs of :data:`DESIGNS` at ``main``'s chunk size and depth, and their controls (the classical twin only
-    where this version of peft_qpa has it)."""
+    """The designs of :data:`DESIGNS`, :data:`DESIGNS_MORE` and :data:`DESIGNS_LM_SIZES` at ``main``'s settings (a
+    design's own fields win), and their controls (the classical twin only where this version of peft_qpa has it)."""
     from peft_qpa.generator.config import PROBABILITY_INPUTS
 
     out = []
-    for name, (design, fields) in {**DESIGNS, **DESIGNS_MORE}.items():
+    for name, (design, fields) in {**DESIGNS, **DESIGNS_MORE, **DESIGNS_LM_SIZES}.items():
         kw = {**main, **fields}
         out.append(Spec(name, "qpa", _qpa(**kw), 4, kw, design=design))
         for suffix, (method, extra) in DESIGN_CONTROLS.items():
@@ -380,6 +395,16 @@ LM_GRID = {  # a fourth, lower rate where the seed-0 best of the first three sat
     "fourierft_n12k": (1e-1, 3e-1, 1.0, 3.0, 10.0),
     "vera_r256": (1e-2, 3e-2, 1e-1),
 }
+LM_SIZES_GRID = {  # smallest first: a complete set (grid, seeds, controls) per design size before the next
+    "multi4_affine_2pct": (1e-3, 3e-3, 1e-2),
+    "dist2_affine_2pct": (3e-4, 1e-3, 3e-3),
+    "deep64_affine_2pct": (1e-4, 3e-4, 1e-3),
+    "mps4_5pct": (1e-3, 3e-3, 1e-2),
+    "multi4_affine_10pct": (1e-3, 3e-3, 1e-2),
+    "dist2_affine_10pct": (3e-4, 1e-3, 3e-3),
+    "deep64_affine_10pct": (1e-4, 3e-4, 1e-3),
+    "mps4_10pct": (1e-3, 3e-3, 1e-2),
+}
 AL_GRID = {
     "lora_r4": (1e-3, 3e-3, 1e-2, 3e-2),
     "qpa_5pct": (3e-3, 1e-2, 3e-2),
@@ -415,6 +440,14 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "lm_head_designs_more_controls_2": _controls(lm, b, ("dist2_affine", "deep64_affine"), lm_specs),
         "lm_head_designs_controls": [j for n in ("pub_affine_shuffled", "pub_affine_none")
                                      for j in _reuse(lm, b, [f"{n}__{c}" for c in DESIGN_CONTROLS], n)],
+        # the designs at their other sizes: grids of three centred on each design's best rate at its first size (all
+        # grids first, so that an edge is widened before seeds and controls use the rate), then per design its
+        # seeds and controls
+        "lm_head_designs_sizes_grid": _grid(lm, b, LM_SIZES_GRID),
+        "lm_head_designs_sizes_edges": _grid(lm, b, {"dist2_affine_2pct": (1e-2,), "multi4_affine_10pct": (3e-4,),
+                                                     "dist2_affine_10pct": (1e-4,)}),
+        "lm_head_designs_sizes": [j for n in LM_SIZES_GRID for j in _seeds(lm, b, [n]) + _controls(lm, b, (n,), lm_specs)],
+        "lm_head_deep_low": _grid(lm, b, {"deep64_affine": (1e-4,)}),  # 3e-4 was the edge
         "lm_head_budget": [Job(n, lm, 4 * b, (0,), lrs) for n, lrs in
                            {"lora_r4": (1e-3, 3e-3, 1e-2, 3e-2), "qpa_c256_L8_std": (1e-3, 3e-3, 1e-2)}.items()],
         "all_linear_grid": _grid(al, b, AL_GRID),
