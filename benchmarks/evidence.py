@@ -310,6 +310,8 @@ DESIGNS_AL = {  # name: (design, generator fields)
     # the distributed ansatz and the deep circuit at about 5 % (the four-readout design's chunk)
     "dist2_affine_5pct": ("distributed", dict(DESIGNS_MORE["dist2_affine"][1], chunk_size=512, qnn_depth=8)),
     "deep64_affine_5pct": ("deep", dict(DESIGNS_MORE["deep64_affine"][1], chunk_size=512)),
+    # the depth-64 circuit at about 2 % (the size at which, in lm_head, it beats its frozen random circuit)
+    "deep64_affine_2pct": ("deep", dict(DESIGNS_MORE["deep64_affine"][1], chunk_size=192)),
 }
 
 
@@ -492,6 +494,8 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "all_linear_dist_deep": (_grid(al, b, {n: (3e-4, 1e-3, 3e-3, 1e-2) for n in ("dist2_affine_5pct", "deep64_affine_5pct")})
                                  + _seeds(al, b, ["dist2_affine_5pct", "deep64_affine_5pct"])
                                  + _controls(al, b, ("dist2_affine_5pct", "deep64_affine_5pct"), al_specs)),
+        "all_linear_deep_2pct": (_grid(al, b, {"deep64_affine_2pct": (1e-3, 3e-3, 1e-2)}) + _seeds(al, b, ["deep64_affine_2pct"])
+                                 + _controls(al, b, ("deep64_affine_2pct",), al_specs)),
         "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")
                             + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
     }
