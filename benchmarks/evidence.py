@@ -397,7 +397,7 @@ LM_GRID = {  # a fourth, lower rate where the seed-0 best of the first three sat
     "fourierft_n12k": (1e-1, 3e-1, 1.0, 3.0, 10.0),
     "vera_r256": (1e-2, 3e-2, 1e-1),
 }
-LM_SIZES_GRID = {  # smallest first: a complete set (grid, seeds, controls) per design size before the next
+LM_SIZES_GRID = {  # three rates around each design's best at its first size; the 2 % sizes first
     "multi4_affine_2pct": (1e-3, 3e-3, 1e-2),
     "dist2_affine_2pct": (3e-4, 1e-3, 3e-3),
     "deep64_affine_2pct": (1e-4, 3e-4, 1e-3),
@@ -440,8 +440,7 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "lm_head_designs_more_controls": _controls(lm, b, ("mps4", "multi4_affine"), lm_specs),
         "lm_head_designs_more_low": _grid(lm, b, {"dist2_affine": (3e-4,), "deep64_affine": (3e-4,)}),  # 1e-3 was the edge
         "lm_head_designs_more_controls_2": _controls(lm, b, ("dist2_affine", "deep64_affine"), lm_specs),
-        "lm_head_designs_controls": [j for n in ("pub_affine_shuffled", "pub_affine_none")
-                                     for j in _reuse(lm, b, [f"{n}__{c}" for c in DESIGN_CONTROLS], n)],
+        "lm_head_designs_controls": _controls(lm, b, ("pub_affine_shuffled", "pub_affine_none"), lm_specs),
         # the designs at their other sizes: grids of three centred on each design's best rate at its first size (all
         # grids first, so that an edge is widened before seeds and controls use the rate), then per design its
         # seeds and controls
@@ -490,7 +489,7 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "all_linear_pub_choices": (_grid(al, b, {n: (3e-4, 1e-3, 3e-3, 1e-2) for n in ("pub_affine_none", "pub_affine_bits", "pub_gelu_none")})
                                    + _grid(al, b, {"pub_affine_none": (3e-2,), "pub_gelu_none": (3e-2,)})  # 1e-2 was the edge
                                    + _seeds(al, b, ["pub_affine_none", "pub_affine_bits", "pub_gelu_none"])
-                                   + _reuse(al, b, [f"pub_affine_none__{c}" for c in DESIGN_CONTROLS], "pub_affine_none")),
+                                   + _controls(al, b, ("pub_affine_none",), al_specs)),
         "all_linear_dist_deep": (_grid(al, b, {n: (3e-4, 1e-3, 3e-3, 1e-2) for n in ("dist2_affine_5pct", "deep64_affine_5pct")})
                                  + _seeds(al, b, ["dist2_affine_5pct", "deep64_affine_5pct"])
                                  + _controls(al, b, ("dist2_affine_5pct", "deep64_affine_5pct"), al_specs)),
