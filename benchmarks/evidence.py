@@ -312,6 +312,10 @@ DESIGNS_AL = {  # name: (design, generator fields)
     "deep64_affine_5pct": ("deep", dict(DESIGNS_MORE["deep64_affine"][1], chunk_size=512)),
     # the depth-64 circuit at about 2 % (the size at which, in lm_head, it beats its frozen random circuit)
     "deep64_affine_2pct": ("deep", dict(DESIGNS_MORE["deep64_affine"][1], chunk_size=192)),
+    # the distributed ansatz at about 2 % and 10 %, and the deep circuit at about 10 % (the four-readout design's chunks)
+    "dist2_affine_2pct": ("distributed", dict(DESIGNS_MORE["dist2_affine"][1], chunk_size=192, qnn_depth=8)),
+    "dist2_affine_10pct": ("distributed", dict(DESIGNS_MORE["dist2_affine"][1], chunk_size=960, qnn_depth=8)),
+    "deep64_affine_10pct": ("deep", dict(DESIGNS_MORE["deep64_affine"][1], chunk_size=960)),
 }
 
 
@@ -414,6 +418,13 @@ AL_GRID = {
 }
 
 
+AL_SIZES_GRID = {  # three rates around the design's best at 5 % (dist2: 1e-3, deep64: 3e-3, also its best at 2 %)
+    "dist2_affine_2pct": (3e-4, 1e-3, 3e-3),
+    "dist2_affine_10pct": (3e-4, 1e-3, 3e-3),
+    "deep64_affine_10pct": (1e-3, 3e-3, 1e-2),
+}
+
+
 AL_PEER_GRID = {
     "lora_r1_top3": (3e-3, 1e-2, 3e-2),
     "vblora_nv16": (3e-3, 1e-2, 3e-2),
@@ -495,6 +506,14 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
                                  + _controls(al, b, ("dist2_affine_5pct", "deep64_affine_5pct"), al_specs)),
         "all_linear_deep_2pct": (_grid(al, b, {"deep64_affine_2pct": (1e-3, 3e-3, 1e-2)}) + _seeds(al, b, ["deep64_affine_2pct"])
                                  + _controls(al, b, ("deep64_affine_2pct",), al_specs)),
+        # the distributed and deep designs at their other sizes: all grids first (three rates around each design's best
+        # at 5 %), then per design its seeds and controls
+        "all_linear_dist_deep_sizes_grid": _grid(al, b, AL_SIZES_GRID),
+        "all_linear_dist_deep_sizes": [j for n in AL_SIZES_GRID for j in _seeds(al, b, [n]) + _controls(al, b, (n,), al_specs)],
+        # declared before they ran: at 3 seeds the depth-64 circuit at 2 % beat its frozen random circuit by only 1.8
+        # pooled sd because that control's seeds spread 0.60; two more seeds of the design and of each control
+        "all_linear_deep_2pct_more_seeds": [j for n in ("deep64_affine_2pct",) for j in _reuse(al, b, [n], n, (3, 4))
+                                            + _reuse(al, b, [f"{n}__{c}" for c in DESIGN_CONTROLS], n, (3, 4))],
         "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")
                             + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
     }
