@@ -59,7 +59,20 @@ def _losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-@pytest.mark.parametrize("backend", [{}, {"backend": "aer_shots", "shots": 256}])
+DESIGNS = {  # the research designs of docs/quality.md, each as a user selects it
+    "published": dict(mapping_hidden_sizes=[16, 16], mapping_activation="none", basis_features="shuffled"),
+    "multi_readout": dict(probability_input="multi_readout", readout_settings=3, mapping_activation="none",
+                          basis_features="none"),
+    "distributed": dict(probability_input="distributed", circuit_groups=2, mapping_activation="none", basis_features="none"),
+    "mps": dict(mapping="mps", mps_bond_dim=2),
+    "classical_twin": dict(probability_input="classical_twin", mapping_activation="none", basis_features="none"),
+    "multi_readout_twin": dict(probability_input="multi_readout_twin", readout_settings=3, mapping_activation="none",
+                               basis_features="none"),
+}
+
+
+@pytest.mark.parametrize("backend", [{}, {"backend": "aer_shots", "shots": 256}, *DESIGNS.values()],
+                         ids=["default", "aer_shots", *DESIGNS])
 def test_trainer_bf16_checkpointing_and_resume(tmp_path, backend):
     """bf16 autocast + gradient checkpointing: step 1 is the base model's loss (zero delta under autocast), and a
     run resumed from a checkpoint continues exactly as the uninterrupted run (shots included: the step is saved)."""
@@ -81,8 +94,9 @@ def test_trainer_bf16_checkpointing_and_resume(tmp_path, backend):
     assert _losses(resumed) == pytest.approx(full_losses, rel=1e-3)  # its history starts with the first 3 steps
 
     # step 1's loss is the base model's (the batch of step 1 is the first item repeated 4 times)
+    # (with shuffled bits only in eval: a training forward adds the bits' zero-mean noise, as documented)
     model = get_peft_model(MODEL_FACTORIES["llama"](), small_config("llama", **backend))
-    model.train()
+    model.train(backend.get("basis_features") != "shuffled")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss.item()
     assert out == base_loss
