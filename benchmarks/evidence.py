@@ -247,6 +247,7 @@ DESIGNS_MORE = {
     "dist2_affine": ("distributed", dict(probability_input="distributed", circuit_groups=2, **AFFINE_NOBITS)),
     "deep64_affine": ("deep", dict(**AFFINE_NOBITS, qnn_depth=64)),
 }
+TWINS = {"multi_readout": "multi_readout_twin", "distributed": "distributed_twin"}  # a source: its classical twin
 DESIGN_CONTROLS = {  # suffix: (method, fields)
     "const": ("qpa-ablation-const", dict(probability_input="constant")),
     "frozen": ("qpa-ablation-frozen", dict(freeze_angles=True)),
@@ -279,13 +280,13 @@ def design_specs(main: dict) -> list[Spec]:
         kw = {**main, **fields}
         out.append(Spec(name, "qpa", _qpa(**kw), 4, kw, design=design))
         for suffix, (method, extra) in DESIGN_CONTROLS.items():
-            # The classical twin replaces a one-feature circuit, the K-feature twin a K-readout one; the distributed
-            # design gets the constant and frozen controls only.
+            # Each source's own twin: the classical twin replaces a one-feature circuit, the K-feature twin a K-readout
+            # one, the distributed twin the distributed ansatz (each keeps its source's readout_settings or
+            # circuit_groups; the constant and the one-circuit twin drop them).
             source = fields.get("probability_input", "circuit")
-            if suffix == "classical" and source == "multi_readout":
-                extra = {"probability_input": "multi_readout_twin"}
-            twin_fits = source in ("circuit", "multi_readout")
-            if extra.get("probability_input", "circuit") in PROBABILITY_INPUTS and (suffix != "classical" or twin_fits):
+            if suffix == "classical" and source in TWINS:
+                extra = {"probability_input": TWINS[source]}
+            if extra.get("probability_input", "circuit") in PROBABILITY_INPUTS:
                 cfg = {**kw, **extra}
                 if extra.get("probability_input") in ("constant", "classical_twin"):  # the replaced source's settings go
                     cfg = {k: v for k, v in cfg.items() if k not in ("readout_settings", "circuit_groups")}
@@ -328,8 +329,8 @@ def design_specs_all_linear() -> list[Spec]:
         for suffix, (method, extra) in DESIGN_CONTROLS.items():
             source = kw.get("probability_input", "circuit")
             extra = dict(extra)
-            if suffix == "classical" and source == "multi_readout":
-                extra["probability_input"] = "multi_readout_twin"  # the K-feature twin keeps readout_settings
+            if suffix == "classical" and source in TWINS:
+                extra["probability_input"] = TWINS[source]  # keeps readout_settings or circuit_groups
             elif suffix == "classical" and source != "circuit":
                 continue
             if extra.get("probability_input", "circuit") not in PROBABILITY_INPUTS:
@@ -509,11 +510,17 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         # the distributed and deep designs at their other sizes: all grids first (three rates around each design's best
         # at 5 %), then per design its seeds and controls
         "all_linear_dist_deep_sizes_grid": _grid(al, b, AL_SIZES_GRID),
+        "all_linear_dist_deep_edges": _grid(al, b, {"dist2_affine_2pct": (1e-2,)}),  # 3e-3 was the edge
         "all_linear_dist_deep_sizes": [j for n in AL_SIZES_GRID for j in _seeds(al, b, [n]) + _controls(al, b, (n,), al_specs)],
         # declared before they ran: at 3 seeds the depth-64 circuit at 2 % beat its frozen random circuit by only 1.8
         # pooled sd because that control's seeds spread 0.60; two more seeds of the design and of each control
         "all_linear_deep_2pct_more_seeds": [j for n in ("deep64_affine_2pct",) for j in _reuse(al, b, [n], n, (3, 4))
                                             + _reuse(al, b, [f"{n}__{c}" for c in DESIGN_CONTROLS], n, (3, 4))],
+        # the distributed design's classical twin (built after its other controls ran), at each size in both regimes
+        "distributed_twins": ([j for n in ("dist2_affine", "dist2_affine_2pct", "dist2_affine_10pct")
+                               for j in _controls(lm, b, (n,), lm_specs) if j.spec.endswith("__classical")]
+                              + [j for n in ("dist2_affine_5pct", "dist2_affine_2pct", "dist2_affine_10pct")
+                                 for j in _controls(al, b, (n,), al_specs) if j.spec.endswith("__classical")]),
         "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")
                             + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
     }

@@ -27,7 +27,8 @@ SAMPLER_DEFAULTS = {"sampler_optimization_level": 1, "sampler_twirling": False, 
 SHOT_GRADIENTS = ("exact", "parameter_shift")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
 DTYPES = ("float32", "float64")
-PROBABILITY_INPUTS = ("circuit", "constant", "multi_readout", "classical_twin", "distributed", "multi_readout_twin")
+PROBABILITY_INPUTS = ("circuit", "constant", "multi_readout", "classical_twin", "distributed", "multi_readout_twin",
+                      "distributed_twin")
 PROBABILITY_SCALINGS = ("none", "standardize")
 BASIS_FEATURES = ("bits", "shuffled", "none")
 MAPPINGS_OPTIONS = ("mlp", "mps")
@@ -342,7 +343,9 @@ class GeneratorConfig:
                 "circuit_groups smaller circuits replace the one circuit and each state's probability is the product "
                 "of theirs (arXiv:2409.06992). 'multi_readout_twin' is the classical twin of 'multi_readout' (a "
                 "control: readout_settings classical distributions with the K-readout circuit's N * L + K * N "
-                "parameters; backend 'statevector' only)."
+                "parameters; backend 'statevector' only), 'distributed_twin' that of 'distributed' (a control: one "
+                "classical distribution per sub-circuit, each with that sub-circuit's parameter count; backend "
+                "'statevector' only)."
             )
         },
     )
@@ -362,7 +365,8 @@ class GeneratorConfig:
             "help": (
                 "With probability_input='distributed': G >= 2 sub-circuits (at most N, checked once N is known). The "
                 "N qubits split into G groups of contiguous qubits, each its own circuit with no gate between groups, "
-                "and each basis state's probability is the product of the groups' probabilities of its bits."
+                "and each basis state's probability is the product of the groups' probabilities of its bits. With "
+                "'distributed_twin': the G classical distributions of its classical twin."
             )
         },
     )
@@ -530,7 +534,7 @@ class GeneratorConfig:
             fail("aer_max_parallel_threads", "an integer >= 0")
         if not isinstance(self.probability_input, str) or self.probability_input not in PROBABILITY_INPUTS:
             fail("probability_input", f"one of {PROBABILITY_INPUTS}")
-        if self.probability_input in ("classical_twin", "multi_readout_twin") and self.backend != "statevector":
+        if self.probability_input in ("classical_twin", "multi_readout_twin", "distributed_twin") and self.backend != "statevector":
             raise ValueError(
                 f"{cls}.probability_input={self.probability_input!r} runs no circuit, so backend={self.backend!r} does not "
                 "apply: the twin's probabilities are exact, with no shots to sample and no noise. Leave backend at "
@@ -562,9 +566,10 @@ class GeneratorConfig:
                 f"an integer in [2, max_qubits = {self.max_qubits}] (the sub-circuits of probability_input="
                 "'distributed': at least two, at most one per qubit)",
             )
-        if self.probability_input != "distributed" and self.circuit_groups != 2:
+        if self.probability_input not in ("distributed", "distributed_twin") and self.circuit_groups != 2:
             raise ValueError(
                 f"{cls}.circuit_groups={self.circuit_groups} only applies to probability_input='distributed' "
+                "(or its classical twin, 'distributed_twin') "
                 f"(probability_input is {self.probability_input!r}); set probability_input='distributed' or leave "
                 "circuit_groups at its default, 2."
             )

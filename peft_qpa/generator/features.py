@@ -304,6 +304,32 @@ def pairwise_log_weights(fields: torch.Tensor, couplings: torch.Tensor) -> torch
     return log_weights
 
 
+def twin_start(n_qubits: int, rank: int, rng: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """A twin's seeded start: N fields, then ``rank`` coupling vectors of N numbers, drawn normal and scaled so that
+    each of the two terms of the log-probability spreads over the states with a standard deviation of about
+    :data:`TWIN_INIT_SPREAD`."""
+    fields = torch.randn(n_qubits, generator=rng, dtype=dtype) * (TWIN_INIT_SPREAD / math.sqrt(n_qubits))
+    # (u·b)²/2 with u ~ N(0, s²/N) over uniform b: u·b ~ N(0, s²), so one term spreads by s²/√2 and K terms by
+    # s²·√(K/2); s² = spread·√(2/K) gives the wanted spread.
+    scale = math.sqrt(TWIN_INIT_SPREAD * math.sqrt(2 / rank) / n_qubits) if rank else 0.0
+    couplings = torch.randn(rank * n_qubits, generator=rng, dtype=dtype) * scale
+    return torch.cat([fields, couplings])
+
+
+def twin_distribution(weights: torch.Tensor, n_qubits: int, rank: int) -> torch.Tensor:
+    """The 2^N probabilities of a twin whose ``weights`` are laid out as :func:`twin_start` draws them."""
+    couplings = weights[n_qubits: n_qubits * (1 + rank)].view(rank, n_qubits)
+    return torch.softmax(pairwise_log_weights(weights[:n_qubits], couplings), 0)
+
+
+def twin_rank(n_qubits: int, circuit_parameters: int) -> int:
+    """The most coupling vectors that, with the N fields, fit in the circuit's parameter count (L - 1 for N·L)."""
+    if circuit_parameters < n_qubits:
+        raise ValueError(f"The classical twin needs at least N = {n_qubits} parameters; the circuit has "
+                         f"{circuit_parameters}.")
+    return circuit_parameters // n_qubits - 1
+
+
 class ClassicalTwinFeatures(CircuitFeatures):
     """A control: a classical model of the 2^N probabilities with as many trainable numbers as the circuit it
     replaces, to tell "the quantum circuit matters" from "a trainable distribution of this size matters".
@@ -336,22 +362,12 @@ class ClassicalTwinFeatures(CircuitFeatures):
         super().__init__(n_qubits, depth, ansatz, n_chunks, postprocessing, frozen)
         self.depth = depth
         self.circuit_parameters = self.circuit.num_parameters
-        self.rank = max(0, self.circuit_parameters // n_qubits - 1)
+        self.rank = twin_rank(n_qubits, self.circuit_parameters)
         self.num_parameters = n_qubits * (1 + self.rank)
-        if self.num_parameters > self.circuit_parameters:
-            raise ValueError(f"The classical twin needs at least N = {n_qubits} parameters; the circuit has "
-                             f"{self.circuit_parameters}.")
 
     def create_parameters(self, rng: torch.Generator, dtype: torch.dtype) -> dict[str, nn.Parameter]:
-        """``twin_weights``: fields and couplings drawn normal, scaled so that each of the two terms of the
-        log-probability spreads over the states with a standard deviation of about :data:`TWIN_INIT_SPREAD`."""
-        n, rank = self.n_qubits, self.rank
-        fields = torch.randn(n, generator=rng, dtype=dtype) * (TWIN_INIT_SPREAD / math.sqrt(n))
-        # (u·b)²/2 with u ~ N(0, s²/N) over uniform b: u·b ~ N(0, s²), so one term spreads by s²/√2 and K terms by
-        # s²·√(K/2); s² = spread·√(2/K) gives the wanted spread.
-        scale = math.sqrt(TWIN_INIT_SPREAD * math.sqrt(2 / rank) / n) if rank else 0.0
-        couplings = torch.randn(rank * n, generator=rng, dtype=dtype) * scale
-        return {"twin_weights": nn.Parameter(torch.cat([fields, couplings]))}
+        """``twin_weights``: fields and couplings as :func:`twin_start` draws them."""
+        return {"twin_weights": nn.Parameter(twin_start(self.n_qubits, self.rank, rng, dtype))}
 
     def create_modules(self, make_backend: Optional[Callable]) -> dict[str, Optional[nn.Module]]:
         """No backend and no interpolation: nothing is simulated or sampled."""
@@ -385,9 +401,7 @@ class ClassicalTwinFeatures(CircuitFeatures):
     def probabilities(self, generator: nn.Module, step: int) -> torch.Tensor:
         """The twin's 2^N probabilities (exact: they sum to 1; ``step`` is unused, nothing is sampled)."""
         weights = _simulated_dtype(generator.twin_weights)  # 2^N probabilities need at least float32
-        n = self.n_qubits
-        couplings = weights[n: n * (1 + self.rank)].view(self.rank, n)
-        return torch.softmax(pairwise_log_weights(weights[:n], couplings), 0)
+        return twin_distribution(weights, self.n_qubits, self.rank)
 
 
 class MultiReadoutTwinFeatures(ClassicalTwinFeatures):
@@ -538,7 +552,70 @@ class DistributedFeatures(CircuitFeatures):
         return joint
 
 
+class DistributedTwinFeatures(DistributedFeatures):
+    """The classical twin of :class:`DistributedFeatures` (a control, ``probability_input='distributed_twin'``): each
+    of the G sub-circuits replaced by a classical twin with as many trainable numbers as that sub-circuit (the
+    Boltzmann distribution of :class:`ClassicalTwinFeatures` over its n_g bits: n_g fields and L - 1 coupling vectors,
+    n_g·L numbers), so N·L in all, the distributed circuit's count exactly. As for the circuit, each state's
+    probability is the product of the groups' probabilities of its bits: a Boltzmann distribution whose couplings
+    never join two groups.
+
+    ``twin_weights`` holds group 0's numbers first, each group's laid out as :func:`twin_start` draws them (the same
+    seeded start, per group, as the one-circuit twin). No circuit runs: no backend, no shots, no noise (the config
+    refuses any backend but ``"statevector"``); ``freeze_angles`` gives the frozen random twin."""
+
+    def __init__(self, n_qubits: int, depth: int, ansatz: str, n_chunks: int, postprocessing: PostProcessing,
+                 frozen: bool = False, circuit_groups: int = 2):
+        super().__init__(n_qubits, depth, ansatz, n_chunks, postprocessing, frozen, circuit_groups)
+        self.depth = depth
+        self.circuit_parameters = sum(self.group_parameters)
+        self.group_ranks = tuple(twin_rank(n, p) for n, p in zip(self.group_sizes, self.group_parameters))
+        self.group_twin_parameters = tuple(n * (1 + r) for n, r in zip(self.group_sizes, self.group_ranks))
+        self.num_parameters = sum(self.group_twin_parameters)
+        self.description = (
+            f"probability input: distributed_twin (control: {circuit_groups} classical distributions over "
+            f"{list(self.group_sizes)} bits, each as large as its sub-circuit; no circuit runs)"
+        )
+
+    def create_parameters(self, rng: torch.Generator, dtype: torch.dtype) -> dict[str, nn.Parameter]:
+        return {"twin_weights": nn.Parameter(torch.cat([twin_start(n, r, rng, dtype)
+                                                        for n, r in zip(self.group_sizes, self.group_ranks)]))}
+
+    def create_modules(self, make_backend: Optional[Callable]) -> dict[str, Optional[nn.Module]]:
+        """No backend and no interpolation: nothing is simulated or sampled."""
+        return {"backend": None, "interpolation": None}
+
+    @property
+    def frozen_parameters(self) -> tuple[str, ...]:
+        return ("twin_weights",) if self.frozen else ()
+
+    def summary_lines(self, generator: nn.Module) -> list[str]:
+        frozen = " (frozen: the freeze_angles control, a frozen random twin)" if self.frozen else ""
+        unused = self.circuit_parameters - self.num_parameters
+        rest = f"; {unused} of the circuits' not matched" if unused else ""
+        return [
+            f"classical twin parameters: {generator.twin_weights.numel()}, the {self.circuit_groups} sub-circuits' "
+            f"{self.circuit_parameters} it replaces{rest}{frozen}",
+            f"classical twin: {self.circuit_groups} Boltzmann distributions over {list(self.group_sizes)} bits, each "
+            f"with its fields + rank-{self.group_ranks[0]} pairwise couplings; their product over the 2^N states",
+        ]
+
+    def bound_circuit(self, generator: nn.Module, bound: bool = True) -> QuantumCircuit:
+        """The parameterized product circuit the twin stands in for (``bound=False``); a bound one is refused."""
+        if not bound:
+            return self.circuit
+        raise ValueError(
+            "probability_input='distributed_twin' runs no circuit: there are no angles to bind. circuit(bound=False) "
+            "gives the parameterized product circuit whose parameter count the twin matches."
+        )
+
+    def group_probabilities(self, generator: nn.Module, step: int) -> list[torch.Tensor]:
+        """Group g's twin distribution over its 2^n_g states, for every g (exact; ``step`` is unused)."""
+        parts = torch.split(_simulated_dtype(generator.twin_weights), self.group_twin_parameters)
+        return [twin_distribution(w, n, r) for w, n, r in zip(parts, self.group_sizes, self.group_ranks)]
+
+
 FEATURE_SOURCES = {"circuit": CircuitFeatures, "constant": ConstantFeatures, "multi_readout": MultiReadoutFeatures,
                    "classical_twin": ClassicalTwinFeatures, "distributed": DistributedFeatures,
-                   "multi_readout_twin": MultiReadoutTwinFeatures}
+                   "multi_readout_twin": MultiReadoutTwinFeatures, "distributed_twin": DistributedTwinFeatures}
 assert tuple(FEATURE_SOURCES) == PROBABILITY_INPUTS
