@@ -510,17 +510,18 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         # the distributed and deep designs at their other sizes: all grids first (three rates around each design's best
         # at 5 %), then per design its seeds and controls
         "all_linear_dist_deep_sizes_grid": _grid(al, b, AL_SIZES_GRID),
-        "all_linear_dist_deep_edges": _grid(al, b, {"dist2_affine_2pct": (1e-2,)}),  # 3e-3 was the edge
+        "all_linear_dist_deep_edges": _grid(al, b, {"dist2_affine_2pct": (1e-2,),  # 3e-3 was the edge
+                                                    "dist2_affine_10pct": (1e-4, 3e-5)}),  # 3e-4 was the edge (3e-5 in case 1e-4 is one too)
         "all_linear_dist_deep_sizes": [j for n in AL_SIZES_GRID for j in _seeds(al, b, [n]) + _controls(al, b, (n,), al_specs)],
         # declared before they ran: at 3 seeds the depth-64 circuit at 2 % beat its frozen random circuit by only 1.8
         # pooled sd because that control's seeds spread 0.60; two more seeds of the design and of each control
         "all_linear_deep_2pct_more_seeds": [j for n in ("deep64_affine_2pct",) for j in _reuse(al, b, [n], n, (3, 4))
                                             + _reuse(al, b, [f"{n}__{c}" for c in DESIGN_CONTROLS], n, (3, 4))],
-        # the distributed design's classical twin (built after its other controls ran), at each size in both regimes
+        # the distributed design's classical twin, built after its other controls had run: at each size in lm_head,
+        # and at 5 % in all_linear (at 2 and 10 % it is one of all_linear_dist_deep_sizes' controls)
         "distributed_twins": ([j for n in ("dist2_affine", "dist2_affine_2pct", "dist2_affine_10pct")
                                for j in _controls(lm, b, (n,), lm_specs) if j.spec.endswith("__classical")]
-                              + [j for n in ("dist2_affine_5pct", "dist2_affine_2pct", "dist2_affine_10pct")
-                                 for j in _controls(al, b, (n,), al_specs) if j.spec.endswith("__classical")]),
+                              + [j for j in _controls(al, b, ("dist2_affine_5pct",), al_specs) if j.spec.endswith("__classical")]),
         "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")
                             + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
     }
