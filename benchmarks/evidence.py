@@ -522,6 +522,9 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "distributed_twins": ([j for n in ("dist2_affine", "dist2_affine_2pct", "dist2_affine_10pct")
                                for j in _controls(lm, b, (n,), lm_specs) if j.spec.endswith("__classical")]
                               + [j for j in _controls(al, b, ("dist2_affine_5pct",), al_specs) if j.spec.endswith("__classical")]),
+        # the last best rates at a grid's edge: the four-readout design at 2 % in all_linear (1e-2) and VeRA in lm_head
+        # (1e-2; a peer left at its edge would flatter QPA)
+        "edges_late": _grid(al, b, {"multi4_affine_2pct": (3e-2,)}) + _grid(lm, b, {"vera_r256": (3e-3,)}),
         "all_linear_more": (_reuse(al, b, ["qpa_published"], "qpa_5pct")
                             + _reuse(al, b, ["vblora_nv32"], "lora_r4")),
     }
