@@ -330,7 +330,34 @@ def twin_rank(n_qubits: int, circuit_parameters: int) -> int:
     return circuit_parameters // n_qubits - 1
 
 
-class ClassicalTwinFeatures(CircuitFeatures):
+class TwinSource:
+    """What every classical twin shares (mixed in before the feature source whose circuit it replaces): its
+    ``twin_weights`` are its only parameters, frozen by ``freeze_angles``; it runs no circuit, so it has no backend
+    or interpolation and no angles to bind."""
+
+    input_name = "classical_twin"  # the probability_input value, for messages
+    stands_for = "circuit"  # what circuit(bound=False) gives
+
+    def create_modules(self, make_backend: Optional[Callable]) -> dict[str, Optional[nn.Module]]:
+        """No backend and no interpolation: nothing is simulated or sampled."""
+        return {"backend": None, "interpolation": None}
+
+    @property
+    def frozen_parameters(self) -> tuple[str, ...]:
+        return ("twin_weights",) if self.frozen else ()
+
+    def bound_circuit(self, generator: nn.Module, bound: bool = True) -> QuantumCircuit:
+        """The parameterized circuit the twin stands in for (``bound=False``): it runs no circuit, so there are no
+        angles to bind, and a bound circuit is refused."""
+        if not bound:
+            return self.circuit
+        raise ValueError(
+            f"probability_input={self.input_name!r} runs no circuit: there are no angles to bind. circuit(bound=False) "
+            f"gives the parameterized {self.stands_for} whose parameter count the twin matches."
+        )
+
+
+class ClassicalTwinFeatures(TwinSource, CircuitFeatures):
     """A control: a classical model of the 2^N probabilities with as many trainable numbers as the circuit it
     replaces, to tell "the quantum circuit matters" from "a trainable distribution of this size matters".
 
@@ -369,14 +396,6 @@ class ClassicalTwinFeatures(CircuitFeatures):
         """``twin_weights``: fields and couplings as :func:`twin_start` draws them."""
         return {"twin_weights": nn.Parameter(twin_start(self.n_qubits, self.rank, rng, dtype))}
 
-    def create_modules(self, make_backend: Optional[Callable]) -> dict[str, Optional[nn.Module]]:
-        """No backend and no interpolation: nothing is simulated or sampled."""
-        return {"backend": None, "interpolation": None}
-
-    @property
-    def frozen_parameters(self) -> tuple[str, ...]:
-        return ("twin_weights",) if self.frozen else ()
-
     def summary_lines(self, generator: nn.Module) -> list[str]:
         frozen = " (frozen: the freeze_angles control, a frozen random twin)" if self.frozen else ""
         unused = self.circuit_parameters - self.num_parameters
@@ -387,16 +406,6 @@ class ClassicalTwinFeatures(CircuitFeatures):
             f"classical twin: Boltzmann distribution over {self.n_qubits} bits, {self.n_qubits} fields + rank-"
             f"{self.rank} pairwise couplings",
         ]
-
-    def bound_circuit(self, generator: nn.Module, bound: bool = True) -> QuantumCircuit:
-        """The parameterized circuit the twin stands in for (``bound=False``): it runs no circuit, so there are no
-        angles to bind, and a bound circuit is refused."""
-        if not bound:
-            return self.circuit
-        raise ValueError(
-            "probability_input='classical_twin' runs no circuit: there are no angles to bind. circuit(bound=False) "
-            "gives the parameterized circuit whose parameter count the twin matches."
-        )
 
     def probabilities(self, generator: nn.Module, step: int) -> torch.Tensor:
         """The twin's 2^N probabilities (exact: they sum to 1; ``step`` is unused, nothing is sampled)."""
@@ -552,7 +561,7 @@ class DistributedFeatures(CircuitFeatures):
         return joint
 
 
-class DistributedTwinFeatures(DistributedFeatures):
+class DistributedTwinFeatures(TwinSource, DistributedFeatures):
     """The classical twin of :class:`DistributedFeatures` (a control, ``probability_input='distributed_twin'``): each
     of the G sub-circuits replaced by a classical twin with as many trainable numbers as that sub-circuit (the
     Boltzmann distribution of :class:`ClassicalTwinFeatures` over its n_g bits: n_g fields and L - 1 coupling vectors,
@@ -563,6 +572,8 @@ class DistributedTwinFeatures(DistributedFeatures):
     ``twin_weights`` holds group 0's numbers first, each group's laid out as :func:`twin_start` draws them (the same
     seeded start, per group, as the one-circuit twin). No circuit runs: no backend, no shots, no noise (the config
     refuses any backend but ``"statevector"``); ``freeze_angles`` gives the frozen random twin."""
+
+    input_name, stands_for = "distributed_twin", "product circuit"
 
     def __init__(self, n_qubits: int, depth: int, ansatz: str, n_chunks: int, postprocessing: PostProcessing,
                  frozen: bool = False, circuit_groups: int = 2):
@@ -581,14 +592,6 @@ class DistributedTwinFeatures(DistributedFeatures):
         return {"twin_weights": nn.Parameter(torch.cat([twin_start(n, r, rng, dtype)
                                                         for n, r in zip(self.group_sizes, self.group_ranks)]))}
 
-    def create_modules(self, make_backend: Optional[Callable]) -> dict[str, Optional[nn.Module]]:
-        """No backend and no interpolation: nothing is simulated or sampled."""
-        return {"backend": None, "interpolation": None}
-
-    @property
-    def frozen_parameters(self) -> tuple[str, ...]:
-        return ("twin_weights",) if self.frozen else ()
-
     def summary_lines(self, generator: nn.Module) -> list[str]:
         frozen = " (frozen: the freeze_angles control, a frozen random twin)" if self.frozen else ""
         unused = self.circuit_parameters - self.num_parameters
@@ -599,15 +602,6 @@ class DistributedTwinFeatures(DistributedFeatures):
             f"classical twin: {self.circuit_groups} Boltzmann distributions over {list(self.group_sizes)} bits, each "
             f"with its fields + rank-{self.group_ranks[0]} pairwise couplings; their product over the 2^N states",
         ]
-
-    def bound_circuit(self, generator: nn.Module, bound: bool = True) -> QuantumCircuit:
-        """The parameterized product circuit the twin stands in for (``bound=False``); a bound one is refused."""
-        if not bound:
-            return self.circuit
-        raise ValueError(
-            "probability_input='distributed_twin' runs no circuit: there are no angles to bind. circuit(bound=False) "
-            "gives the parameterized product circuit whose parameter count the twin matches."
-        )
 
     def group_probabilities(self, generator: nn.Module, step: int) -> list[torch.Tensor]:
         """Group g's twin distribution over its 2^n_g states, for every g (exact; ``step`` is unused)."""
