@@ -515,13 +515,13 @@ def plan(smoke: bool = False) -> dict[str, list[Job]]:
         "all_linear_dist_deep_sizes": [j for n in AL_SIZES_GRID for j in _seeds(al, b, [n]) + _controls(al, b, (n,), al_specs)],
         # declared before they ran: at 3 seeds the depth-64 circuit at 2 % beat its frozen random circuit by only 1.8
         # pooled sd because that control's seeds spread 0.60; two more seeds of the design and of each control
-        "all_linear_deep_2pct_more_seeds": [j for n in ("deep64_affine_2pct",) for j in _reuse(al, b, [n], n, (3, 4))
-                                            + _reuse(al, b, [f"{n}__{c}" for c in DESIGN_CONTROLS], n, (3, 4))],
+        "all_linear_deep_2pct_more_seeds": _reuse(al, b, ["deep64_affine_2pct"] + [f"deep64_affine_2pct__{c}" for c in DESIGN_CONTROLS],
+                                                  "deep64_affine_2pct", (3, 4)),
         # the distributed design's classical twin, built after its other controls had run: at each size in lm_head,
         # and at 5 % in all_linear (at 2 and 10 % it is one of all_linear_dist_deep_sizes' controls)
         "distributed_twins": ([j for n in ("dist2_affine", "dist2_affine_2pct", "dist2_affine_10pct")
-                               for j in _controls(lm, b, (n,), lm_specs) if j.spec.endswith("__classical")]
-                              + [j for j in _controls(al, b, ("dist2_affine_5pct",), al_specs) if j.spec.endswith("__classical")]),
+                               for j in _reuse(lm, b, [f"{n}__classical"], n)]
+                              + _reuse(al, b, ["dist2_affine_5pct__classical"], "dist2_affine_5pct")),
         # the last best rates at a grid's edge: the four-readout design at 2 % in all_linear (1e-2) and VeRA in lm_head
         # (1e-2; a peer left at its edge would flatter QPA)
         "edges_late": _grid(al, b, {"multi4_affine_2pct": (3e-2,)}) + _grid(lm, b, {"vera_r256": (3e-3,)}),
