@@ -60,11 +60,19 @@ class CountingAer(AerSampler):
         return super().run(pubs, shots=shots)
 
 
-def runtime_sampler():
+def runtime_sampler(client_side=False):
+    """qiskit-ibm-runtime's SamplerV2 (deprecated since 0.50), or with ``client_side`` its successor, the client-side
+    ``executor_sampler.Sampler``, in local mode on FakeManilaV2, counting its jobs' seeds."""
     runtime = pytest.importorskip("qiskit_ibm_runtime")
     from qiskit_ibm_runtime.fake_provider import FakeManilaV2
 
-    class CountingRuntime(runtime.SamplerV2):
+    if client_side:
+        executor = pytest.importorskip("qiskit_ibm_runtime.executor_sampler")
+        primitive = executor.Sampler
+    else:
+        primitive = runtime.SamplerV2
+
+    class CountingRuntime(primitive):
         def run(self, pubs, *, shots=None):
             self.jobs = getattr(self, "jobs", []) + [self.options.simulator.seed_simulator]
             return super().run(pubs, shots=shots)
@@ -82,10 +90,10 @@ def base_loss(ids=IDS):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind,gradient", [("runtime", "exact"), ("aer", "parameter_shift")])
+@pytest.mark.parametrize("kind,gradient", [("runtime", "exact"), ("client_side", "exact"), ("aer", "parameter_shift")])
 def test_training_runs_one_job_per_step_from_the_base_model(kind, gradient):
     model = sampler_model(shot_gradient=gradient)
-    sampler = runtime_sampler() if kind == "runtime" else CountingAer(seed=0)
+    sampler = CountingAer(seed=0) if kind == "aer" else runtime_sampler(client_side=kind == "client_side")
     placeholder_offset = generator(model).offset.clone()  # from the exact probabilities (no sampler at construction)
     assert peft_qpa.use_sampler(model, sampler) == ["default"]
     assert len(sampler.jobs) == 1  # the step-0 job, run once to re-anchor the zero start
@@ -97,7 +105,7 @@ def test_training_runs_one_job_per_step_from_the_base_model(kind, gradient):
     assert losses[0] == base_loss()  # step 0's delta is exactly zero (B = 0 exactly, on the sampled probabilities)
     assert losses[-1] < losses[0] - 1e-3, losses
     assert int(generator(model).step) == 5
-    if kind == "runtime":  # every job seeded from (seed, step)
+    if kind != "aer":  # every job seeded from (seed, step)
         assert sampler.jobs == [derive_seed(0, step) for step in range(5)]
         assert sampler.options.simulator.seed_simulator == derive_seed(0, 4)
         assert model.peft_config["default"].sampler_backend_name == "fake_manila"
@@ -406,9 +414,10 @@ def test_the_backend_refuses_the_job_that_would_exceed_the_budget():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_sampler_options_and_readout_mitigation():
+@pytest.mark.parametrize("client_side", [False, True], ids=["SamplerV2", "client-side Sampler"])
+def test_sampler_options_and_readout_mitigation(client_side):
     model = sampler_model(sampler_twirling=True, sampler_dynamical_decoupling=True, readout_mitigation=True)
-    sampler = runtime_sampler()
+    sampler = runtime_sampler(client_side)
     peft_qpa.use_sampler(model, sampler)
     assert sampler.options.twirling.enable_gates is True and sampler.options.twirling.enable_measure is True
     assert sampler.options.dynamical_decoupling.enable is True

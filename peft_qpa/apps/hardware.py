@@ -1,8 +1,9 @@
 """The hardware path: attach a Qiskit sampler primitive to an adapter with ``backend="sampler"``, estimate what a run
 costs in device time, and refuse a run over its budget.
 
-* :func:`use_sampler` attaches any ``qiskit.primitives.BaseSamplerV2`` (``qiskit_ibm_runtime.SamplerV2`` on an IBM
-  device or a fake one, ``qiskit_aer.primitives.SamplerV2``, another provider's) to every sampler backend of an
+* :func:`use_sampler` attaches any ``qiskit.primitives.BaseSamplerV2`` (``qiskit_ibm_runtime.SamplerV2`` or its
+  client-side successor ``qiskit_ibm_runtime.executor_sampler.Sampler`` on an IBM device or a fake one,
+  ``qiskit_aer.primitives.SamplerV2``, another provider's) to every sampler backend of an
   adapter's generator (one, or one per readout setting or sub-circuit), re-anchors an untrained generator's zero
   start on the device's step-0 result, and records the device's name in the adapter config.
 * :func:`estimate_cost` gives the circuits, jobs, shots and estimated device seconds of a number of steps
