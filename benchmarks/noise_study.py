@@ -434,7 +434,29 @@ def summarize(runs: list[dict]) -> list[dict]:
             "s_per_step_mean": statistics.fmean(r["s_per_step"] for r in rs),
             "wall_s_mean": statistics.fmean(r["wall_s"] for r in rs), "n_qubits": first.get("n_qubits"),
         })
+    for row in out:
+        row["paired"] = {ref: _paired(row, _find(out, row["design"], ref, row["budget_tokens"])) for ref in PAIRED_REFERENCES
+                         if ref != row["condition"] and _find(out, row["design"], ref, row["budget_tokens"])}
     return out
+
+
+# The seed changes the data order and the initialisation, and it moves a design more than most conditions do (the
+# four-readout design's ideal seeds spread 0.2): a condition is compared with a reference seed by seed.
+PAIRED_REFERENCES = ("ideal", "shots")
+
+
+def _find(rows: list[dict], design: str, condition: str, budget: int) -> Optional[dict]:
+    return next((r for r in rows if (r["design"], r["condition"], r["budget_tokens"]) == (design, condition, budget)), None)
+
+
+def _paired(row: dict, ref: dict) -> dict:
+    """The per-seed difference ``row - ref`` over the seeds both have: the seeds, the differences, their mean and
+    sample std (n - 1; 0 for one seed)."""
+    theirs = dict(zip(ref["seeds"], ref["eval_ppl_per_seed"]))
+    seeds = [s for s in row["seeds"] if s in theirs]
+    diffs = [p - theirs[s] for s, p in zip(row["seeds"], row["eval_ppl_per_seed"]) if s in theirs]
+    st = _stats(diffs)
+    return {"seeds": seeds, "diff_per_seed": diffs, "diff_mean": st["mean"], "diff_std": st["std"], "n_seeds": st["n"]}
 
 
 LINES = {  # condition family (gi, mitigation): (label, colour, marker, x offset factor so the error bars stay apart)

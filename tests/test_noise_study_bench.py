@@ -88,6 +88,26 @@ def test_report_and_plot(smoke):
     assert all(r["n_seeds"] == 1 and math.isfinite(r["eval_ppl_mean"]) for r in rows.values())
     assert data["devices"]["fake_perth"]["median_2q_error"] == rows["fake_perth"]["median_2q_error"]
     assert data["plots"] and all((root / p).is_file() for p in data["plots"])  # named relative to the JSON
+    paired = rows["fake_perth"]["paired"]
+    assert set(paired) == {"ideal", "shots"} and "paired" in rows["ideal"] and "ideal" not in rows["ideal"]["paired"]
+    assert paired["ideal"]["diff_mean"] == pytest.approx(rows["fake_perth"]["eval_ppl_mean"] - rows["ideal"]["eval_ppl_mean"])
+
+
+def test_summary_pairs_each_condition_with_the_references_seed_by_seed(study):
+    def run(condition, seed, ppl):
+        return {"design": "d", "condition": condition, "budget_tokens": 1, "seed": seed, "eval_ppl": ppl,
+                "device": None, "gi": False, "mitigation": False, "backend": "aer_shots", "lr": 1e-3,
+                "median_2q_error": None, "median_readout_error": None, "s_per_step": 1.0, "wall_s": 1.0}
+
+    runs = [run("ideal", s, p) for s, p in ((0, 10.0), (1, 11.0), (2, 12.0))]
+    runs += [run("shots", 1, 11.5), run("noisy", 2, 12.7), run("noisy", 0, 10.5), run("noisy", 5, 99.0)]
+    rows = {r["condition"]: r for r in study.summarize(runs)}
+    vs_ideal = rows["noisy"]["paired"]["ideal"]
+    assert vs_ideal["seeds"] == [0, 2] and vs_ideal["n_seeds"] == 2  # seed 5 has no ideal run to pair with
+    assert vs_ideal["diff_per_seed"] == pytest.approx([0.5, 0.7]) and vs_ideal["diff_mean"] == pytest.approx(0.6)
+    assert vs_ideal["diff_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert rows["noisy"]["paired"]["shots"]["n_seeds"] == 0  # no seed in common: an empty pairing, not a guess
+    assert rows["shots"]["paired"]["ideal"]["diff_mean"] == pytest.approx(0.5)
 
 
 def test_plan_is_in_priority_order(study):
