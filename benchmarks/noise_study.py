@@ -469,6 +469,29 @@ REFERENCES = {"ideal": ("ideal statevector", "black", "-"), "shots": ("shots, no
               "shots_gi": ("shots + GI, no noise", "gray", ":")}
 
 
+def _plot_paired(ax, rows: list[dict]) -> None:
+    """Each condition's difference from the ideal run of the same seed (mean ± std over the paired seeds)."""
+    for (gi, mit), (label, color, marker, shift) in LINES.items():
+        pts = sorted((r for r in rows if r["device"] and r["gi"] == gi and r["mitigation"] == mit
+                      and r["paired"].get("ideal", {}).get("n_seeds")), key=lambda r: r["median_2q_error"])
+        if pts:
+            ax.errorbar([r["median_2q_error"] * shift for r in pts], [r["paired"]["ideal"]["diff_mean"] for r in pts],
+                        yerr=[r["paired"]["ideal"]["diff_std"] for r in pts], color=color, marker=marker, capsize=3,
+                        label=f"{label} (seeds: {', '.join(str(r['paired']['ideal']['n_seeds']) for r in pts)})")
+    ax.axhline(0.0, color="black", lw=1.2, label="ideal statevector (same seed)")
+    for cond, (label, color, ls) in REFERENCES.items():
+        ref = next((r for r in rows if r["condition"] == cond and r["paired"].get("ideal", {}).get("n_seeds")), None)
+        if ref:
+            d = ref["paired"]["ideal"]
+            ax.axhline(d["diff_mean"], color=color, ls=ls, lw=1.2, label=f"{label} {d['diff_mean']:+.2f} ({d['n_seeds']} seeds)")
+    if any(r["device"] for r in rows):
+        ax.set_xscale("log")
+    ax.set_xlabel("device's median two-qubit gate error (log)")
+    ax.set_ylabel("perplexity − the ideal run's, seed by seed")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
+
 def plot(summary: list[dict], base_ppl: Optional[float], path: Path, model: Optional[str] = None) -> Optional[str]:
     import matplotlib
 
@@ -478,7 +501,10 @@ def plot(summary: list[dict], base_ppl: Optional[float], path: Path, model: Opti
     designs = sorted({r["design"] for r in summary}, key=lambda d: (d not in STUDY_DESIGNS, STUDY_DESIGNS.index(d) if d in STUDY_DESIGNS else 0, d))
     if not designs:
         return None
-    fig, axes = plt.subplots(1, len(designs), figsize=(6.5 * len(designs), 4.8), squeeze=False)
+    fig, axes = plt.subplots(2, len(designs), figsize=(6.5 * len(designs), 8.6), squeeze=False,
+                             gridspec_kw={"height_ratios": [1.15, 1]})
+    for ax, design in zip(axes[1], designs):
+        _plot_paired(ax, [r for r in summary if r["design"] == design])
     for ax, design in zip(axes[0], designs):
         rows = [r for r in summary if r["design"] == design and math.isfinite(r["eval_ppl_mean"])]
         for (gi, mit), (label, color, marker, shift) in LINES.items():
