@@ -411,6 +411,57 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=lambda v: v if isinstance(v, (int, float)) else str(v)))
 
 
+def mitigation_check(args) -> dict:
+    """What readout mitigation does to one step's shot probabilities and to the features the mapping sees.
+
+    One readout circuit of the study's shape (N = ``--mitigation-qubits``, depth 8, angles drawn uniformly with seed
+    0), ``shots_per_state`` 20, on each device without and with ``readout_mitigation``, at two shot seeds (steps 0
+    and 1): the fraction of states at exactly zero, the total-variation distance to the ideal distribution and
+    between the two steps, and the published post-processing's feature spread over the states and its change from
+    step to step (root mean square)."""
+    from peft_qpa.generator.backends.aer import AerProbabilities
+    from peft_qpa.generator.circuit import build_ansatz, readout_circuit
+    from peft_qpa.generator.features import PostProcessing
+    from peft_qpa.generator.noise import load_fake_backend
+
+    n, depth = args.mitigation_qubits, 8
+    circuit = readout_circuit(build_ansatz(n, depth))
+    angles = (torch.rand(circuit.num_parameters, generator=torch.Generator().manual_seed(0)) * 2 * math.pi).double()
+    post = PostProcessing()
+    with torch.no_grad():
+        ideal = AerProbabilities(circuit, backend="aer_statevector", shots=None, shot_gradient="exact", noise_model=None,
+                                 seed=0, dtype=torch.float64)(angles, 0)[0]
+    rows = []
+    for device in args.devices or (SMOKE_DEVICES if args.smoke else DEVICES):
+        row = {"device": device, **{k: v for k, v in device_errors(device).items() if k.startswith("median")}}
+        for mitigated in (False, True):
+            backend = AerProbabilities(circuit, backend="aer_shots", shots=SHOTS_PER_STATE * 2**n, shot_gradient="exact",
+                                       noise_model=device, seed=0, readout_mitigation=mitigated, dtype=torch.float64)
+            with torch.no_grad():
+                probs = [backend(angles, step)[0] for step in (0, 1)]
+            feats = [post(p, n) for p in probs]
+            row["mitigated" if mitigated else "raw"] = {
+                "zero_fraction": float((probs[0] == 0).double().mean()),
+                "tv_to_ideal": float(0.5 * (probs[0] - ideal).abs().sum()),
+                "tv_step_to_step": float(0.5 * (probs[0] - probs[1]).abs().sum()),
+                "feature_std": float(feats[0].std()),
+                "feature_rms_step_to_step": float((feats[0] - feats[1]).pow(2).mean().sqrt()),
+            }
+        target = load_fake_backend(device).target  # the qubits this circuit was placed on, as in layout_errors
+        row["layout_median_readout_error"] = _median([target["measure"][(q,)].error for q in backend.physical_qubits])
+        rows.append(row)
+        raw, mit = row["raw"], row["mitigated"]
+        print(f"[noise] mitigation on {device}: zeros {raw['zero_fraction']:.3f} -> {mit['zero_fraction']:.3f}, "
+              f"TV to ideal {raw['tv_to_ideal']:.3f} -> {mit['tv_to_ideal']:.3f}, feature change per step "
+              f"{raw['feature_rms_step_to_step']:.3f} -> {mit['feature_rms_step_to_step']:.3f} "
+              f"(feature spread {raw['feature_std']:.3f} -> {mit['feature_std']:.3f})", flush=True)
+    out = {"kind": "mitigation_check", "n_qubits": n, "depth": depth, "shots_per_state": SHOTS_PER_STATE,
+           "angles": "uniform in [0, 2 pi), seed 0", "devices": rows,
+           "created": datetime.datetime.now().isoformat(timespec="seconds")}
+    append(Path(args.runs_dir), "mitigation", out)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------------
@@ -567,6 +618,7 @@ def report(args) -> dict:
         "runs": runs,
         "timing": list(timing.values()),
         "sampler": [r for r in records if r.get("kind") == "sampler"],
+        "mitigation_check": [r for r in records if r.get("kind") == "mitigation_check"][-1:],
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -588,7 +640,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Other options are those of benchmarks/evidence.py (--model, --train-file, --eval-file, "
                                        "--block-size, --eval-tokens, --hidden-cache, --threads, --no-progress, ...).")
-    p.add_argument("command", choices=("run", "report", "list", "devices", "time", "sampler"))
+    p.add_argument("command", choices=("run", "report", "list", "devices", "time", "sampler", "mitigation"))
     p.add_argument("--only", nargs="+", default=None, help="keep runs whose name, design, condition or device is listed")
     p.add_argument("--max-runs", type=int, default=None, help="run at most this many new runs (in priority order)")
     p.add_argument("--designs", nargs="+", default=list(STUDY_DESIGNS))
@@ -602,6 +654,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler-qubits", type=int, default=5, help="`sampler`: N (the chunk size follows)")
     p.add_argument("--sampler-steps", type=int, default=3)
     p.add_argument("--sampler-mitigation", action="store_true", help="`sampler`: with readout_mitigation=True")
+    p.add_argument("--mitigation-qubits", type=int, default=10, help="`mitigation`: N (the study's 10 by default)")
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     p.add_argument("--evidence-runs", type=Path, default=EVIDENCE_RUNS_DIR, help="where the designs' lr grids are recorded")
     p.add_argument("--output", type=Path, default=RESULTS / "noise_study.json")
@@ -645,6 +698,8 @@ def main(argv=None):
         return time_runs(args)
     if args.command == "sampler":
         return sampler_check(args)
+    if args.command == "mitigation":
+        return mitigation_check(args)
     return report(args)
 
 

@@ -153,3 +153,17 @@ def test_sampler_steps_beside_the_cost_estimate(study, smoke, tmp_path):
                       "--sampler-qubits", "4", "--sampler-steps", "2"])
     assert out["n_qubits"] == 4 and out["steps"] == 2 and all(t > 0 for t in out["wall_s_per_step"])
     assert out["estimate"]["device_seconds_per_step"] > 0 and out["estimate"]["shots_per_step"] == 20 * 2**4
+
+
+def test_mitigation_check_measures_what_unmixing_does_to_the_features(study, smoke, tmp_path):
+    _, common, *_ = smoke
+    out = study.main(["mitigation", *common, "--runs-dir", str(tmp_path / "runs"), "--mitigation-qubits", "4"])
+    (row,) = out["devices"]
+    assert row["device"] == "fake_perth" and 0 < row["layout_median_readout_error"] < 0.2
+    for side in ("raw", "mitigated"):
+        m = row[side]
+        assert 0 <= m["zero_fraction"] <= 1 and 0 < m["tv_to_ideal"] < 1 and 0 < m["tv_step_to_step"] < 1
+        assert m["feature_std"] > 0 and m["feature_rms_step_to_step"] > 0
+    assert row["raw"] != row["mitigated"]  # the unmixing changed the probabilities
+    lines = (tmp_path / "runs" / "mitigation.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines] == ["mitigation_check"]
