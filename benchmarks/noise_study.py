@@ -520,7 +520,26 @@ REFERENCES = {"ideal": ("ideal statevector", "black", "-"), "shots": ("shots, no
               "shots_gi": ("shots + GI, no noise", "gray", ":")}
 
 
-def _plot_paired(ax, rows: list[dict]) -> None:
+OFF_SCALE = 1.0  # a mean this far above the base model's perplexity (a run that broke) is drawn at the top edge
+
+
+def _cap_off_scale(ax, ceiling: float) -> None:
+    """Keep the y-axis on the runs that trained: points above ``ceiling`` are drawn at the top edge with their
+    value written beside them, so one broken run does not flatten the rest."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
+    high = [y for y in ys if y > ceiling]
+    if not high:
+        return
+    low, top = min(ys), max(y for y in ys if y <= ceiling)
+    pad = 0.1 * max(top - low, 0.1)
+    ax.set_ylim(low - pad, top + 2 * pad)
+    for line in ax.get_lines():
+        for x, y in zip(line.get_xdata(), line.get_ydata()):
+            if math.isfinite(y) and y > ceiling:
+                ax.annotate(f"{y:.1f} ↑", (x, top + 1.5 * pad), color=line.get_color(), fontsize=8, ha="center")
+
+
+def _plot_paired(ax, rows: list[dict], ceiling: float = math.inf) -> None:
     """Each condition's difference from the ideal run of the same seed (mean ± std over the paired seeds)."""
     for (gi, mit), (label, color, marker, shift) in LINES.items():
         pts = sorted((r for r in rows if r["device"] and r["gi"] == gi and r["mitigation"] == mit
@@ -541,6 +560,7 @@ def _plot_paired(ax, rows: list[dict]) -> None:
     ax.set_ylabel("perplexity − the ideal run's, seed by seed")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
+    _cap_off_scale(ax, ceiling)
 
 
 def plot(summary: list[dict], base_ppl: Optional[float], path: Path, model: Optional[str] = None) -> Optional[str]:
@@ -555,7 +575,10 @@ def plot(summary: list[dict], base_ppl: Optional[float], path: Path, model: Opti
     fig, axes = plt.subplots(2, len(designs), figsize=(6.5 * len(designs), 8.6), squeeze=False,
                              gridspec_kw={"height_ratios": [1.15, 1]})
     for ax, design in zip(axes[1], designs):
-        _plot_paired(ax, [r for r in summary if r["design"] == design])
+        rows = [r for r in summary if r["design"] == design]
+        ideal = next((r["eval_ppl_mean"] for r in rows if r["condition"] == "ideal"), None)
+        known = base_ppl is not None and ideal is not None and math.isfinite(base_ppl)
+        _plot_paired(ax, rows, base_ppl + OFF_SCALE - ideal if known else math.inf)
     for ax, design in zip(axes[0], designs):
         rows = [r for r in summary if r["design"] == design and math.isfinite(r["eval_ppl_mean"])]
         for (gi, mit), (label, color, marker, shift) in LINES.items():
@@ -585,6 +608,8 @@ def plot(summary: list[dict], base_ppl: Optional[float], path: Path, model: Opti
         ax.set_ylabel("held-out perplexity (mean ± std over seeds)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
+        if base_ppl is not None and math.isfinite(base_ppl):
+            _cap_off_scale(ax, base_ppl + OFF_SCALE)
     fig.suptitle(f"QPA in lm_head under fake-device noise ({Path(model).name if model else 'model'}; {summary[0]['budget_tokens']:,} training "
                  f"tokens; shots: c = {SHOTS_PER_STATE} per state; x: offset slightly per line)", fontsize=10)
     fig.tight_layout()
