@@ -257,7 +257,8 @@ class GeneratorConfig:
                 "Readout-error mitigation of the measured probabilities: the inverse of each measured qubit's 2x2 "
                 "readout confusion matrix (from the device), then the nearest probability vector. The mitigated "
                 "probabilities feed the generator; GI still sees the raw counts. Only with a noisy device: "
-                "backend='aer_shots' with a noise_model, or backend='sampler'."
+                "backend='aer_shots' with a noise_model, or backend='sampler'. Unmixing amplifies shot noise by up "
+                "to about (1 - 2e)^-N for a readout error e: keep it for N*e well below 1 (docs/backends.md)."
             )
         },
     )
