@@ -534,6 +534,8 @@ def _cap_off_scale(ax, ceiling: float) -> None:
     pad = 0.1 * max(top - low, 0.1)
     ax.set_ylim(low - pad, top + 2 * pad)
     for line in ax.get_lines():
+        if line.get_marker() in ("_", "|"):  # an error bar's caps, not a data point
+            continue
         for x, y in zip(line.get_xdata(), line.get_ydata()):
             if math.isfinite(y) and y > ceiling:
                 ax.annotate(f"{y:.1f} ↑", (x, top + 1.5 * pad), color=line.get_color(), fontsize=8, ha="center")
