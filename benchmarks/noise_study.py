@@ -411,7 +411,7 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=lambda v: v if isinstance(v, (int, float)) else str(v)))
 
 
-def mitigation_check(args) -> dict:
+def mitigation_check(args, devices) -> dict:
     """What readout mitigation does to one step's shot probabilities and to the features the mapping sees.
 
     One readout circuit of the study's shape (N = ``--mitigation-qubits``, depth 8, angles drawn uniformly with seed
@@ -432,7 +432,7 @@ def mitigation_check(args) -> dict:
         ideal = AerProbabilities(circuit, backend="aer_statevector", shots=None, shot_gradient="exact", noise_model=None,
                                  seed=0, dtype=torch.float64)(angles, 0)[0]
     rows = []
-    for device in args.devices or (SMOKE_DEVICES if args.smoke else DEVICES):
+    for device in devices:
         row = {"device": device, **{k: v for k, v in device_errors(device).items() if k.startswith("median")}}
         for mitigated in (False, True):
             backend = AerProbabilities(circuit, backend="aer_shots", shots=SHOTS_PER_STATE * 2**n, shot_gradient="exact",
@@ -556,10 +556,15 @@ def _plot_paired(ax, rows: list[dict], ceiling: float = math.inf) -> None:
         if ref:
             d = ref["paired"]["ideal"]
             ax.axhline(d["diff_mean"], color=color, ls=ls, lw=1.2, label=f"{label} {d['diff_mean']:+.2f} ({d['n_seeds']} seeds)")
+    _finish_axis(ax, rows, "perplexity − the ideal run's, seed by seed", ceiling)
+
+
+def _finish_axis(ax, rows: list[dict], ylabel: str, ceiling: float) -> None:
+    """The axes both rows share: log two-qubit error, labels, grid, legend, and off-scale runs capped."""
     if any(r["device"] for r in rows):
         ax.set_xscale("log")
     ax.set_xlabel("device's median two-qubit gate error (log)")
-    ax.set_ylabel("perplexity − the ideal run's, seed by seed")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     _cap_off_scale(ax, ceiling)
@@ -604,14 +609,8 @@ def plot(summary: list[dict], base_ppl: Optional[float], path: Path, model: Opti
             ax.set_title(f"{design} (base model {base_ppl:.2f})", fontsize=10)
         else:
             ax.set_title(design, fontsize=10)
-        if any(r["device"] for r in rows):
-            ax.set_xscale("log")
-        ax.set_xlabel("device's median two-qubit gate error (log)")
-        ax.set_ylabel("held-out perplexity (mean ± std over seeds)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-        if base_ppl is not None and math.isfinite(base_ppl):
-            _cap_off_scale(ax, base_ppl + OFF_SCALE)
+        _finish_axis(ax, rows, "held-out perplexity (mean ± std over seeds)",
+                     base_ppl + OFF_SCALE if base_ppl is not None and math.isfinite(base_ppl) else math.inf)
     fig.suptitle(f"QPA in lm_head under fake-device noise ({Path(model).name if model else 'model'}; {summary[0]['budget_tokens']:,} training "
                  f"tokens; shots: c = {SHOTS_PER_STATE} per state; x: offset slightly per line)", fontsize=10)
     fig.tight_layout()
@@ -726,7 +725,7 @@ def main(argv=None):
     if args.command == "sampler":
         return sampler_check(args)
     if args.command == "mitigation":
-        return mitigation_check(args)
+        return mitigation_check(args, devices)
     return report(args)
 
 
