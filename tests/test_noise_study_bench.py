@@ -167,3 +167,18 @@ def test_mitigation_check_measures_what_unmixing_does_to_the_features(study, smo
     assert row["raw"] != row["mitigated"]  # the unmixing changed the probabilities
     lines = (tmp_path / "runs" / "mitigation.jsonl").read_text().splitlines()
     assert [json.loads(line)["kind"] for line in lines] == ["mitigation_check"]
+
+
+def test_a_broken_run_is_drawn_at_the_top_edge_with_its_value(study):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.errorbar([1, 2, 3], [47.5, 47.9, 66.7], yerr=[0.1, 0.1, 0.1], marker="o", capsize=3)
+    study._cap_off_scale(ax, 49.3)
+    low, high = ax.get_ylim()
+    assert 47.9 < high < 49.3 and low < 47.5  # the axis stays on the runs that trained
+    assert [t.get_text() for t in ax.texts] == ["66.7 ↑"]  # once, not once per error-bar cap
+    plt.close(fig)
